@@ -1,0 +1,97 @@
+"""Config: strict loading, dotted overrides, YAML round trip, errors naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mama_ray import config as C
+
+
+def test_shipped_presets_load_and_round_trip():
+    for name in ("tiny_cpu", "base"):
+        cfg = C.load(name)
+        again = C.from_dict(C.load_yaml_text(C.dump_yaml(cfg)))
+        assert again == cfg
+
+
+def test_tiny_preset_fills_model_sizes_and_yaml_wins():
+    cfg = C.load("tiny_cpu")
+    assert cfg.model.vision.hidden_size == 32
+    assert cfg.model.lora.r == 4
+    cfg = C.load("tiny_cpu", ["model.lora.r=16", "model.vision.hidden_size=64"])
+    assert (cfg.model.lora.r, cfg.model.vision.hidden_size) == (16, 64)
+    # untouched preset values survive an override of a sibling
+    assert cfg.model.vision.num_layers == 2
+
+
+def test_base_preset_is_the_paper():
+    cfg = C.load("base")
+    v, t, lo = cfg.model.vision, cfg.model.text, cfg.model.lora
+    assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers, v.num_registers) == (518, 14, 768, 12, 4)
+    assert (t.hidden_size, t.num_layers) == (2560, 32)
+    assert (lo.r, lo.alpha, lo.dropout, lo.targets) == (8, 32, 0.1, ["c_attn"])
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.scaling.num_workers == 288
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps) == (4e-5, 4000, 40000)
+
+
+def test_overrides_convert_types():
+    cfg = C.load("tiny_cpu", ["optim.lr=3e-4", "train.max_steps=70", "scaling.use_gpu=true",
+                              "run.name=123", "optim.betas=[0.8, 0.9]", "loss.clip_weight=2"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.max_steps == 70 and cfg.scaling.use_gpu is True
+    assert cfg.run.name == "123" and cfg.optim.betas == [0.8, 0.9]
+    assert isinstance(cfg.loss.clip_weight, float) and cfg.loss.clip_weight == 2.0
+    tuned = C.override(cfg, {"model.lora.r": 32, "loss.sla_weight": 0.5})
+    assert tuned.model.lora.r == 32 and tuned.loss.sla_weight == 0.5 and tuned.train.max_steps == 70
+
+
+def test_misspelt_key_names_field_and_valid_keys(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(str(p))
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "lr" in msg and "warmup_steps" in msg
+
+
+def test_misspelt_override_and_section():
+    with pytest.raises(C.ConfigError, match=r"'modle'.*valid keys here: run, storage"):
+        C.load("tiny_cpu", ["modle.lora.r=4"])
+    with pytest.raises(C.ConfigError, match=r"model\.lora\.rank"):
+        C.load("tiny_cpu", ["model.lora.rank=4"])
+
+
+@pytest.mark.parametrize(
+    "override, field, text",
+    [
+        ("train.max_steps=ten", "train.max_steps", "integer"),
+        ("scaling.use_gpu=maybe", "scaling.use_gpu", "true/false"),
+        ("deepspeed.precision=fp16", "deepspeed.precision", "['auto', 'bf16', 'fp32']"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "[0, 1, 2, 3]"),
+        ("data.second_view_prob=1.5", "data.second_view_prob", "probability"),
+        ("model.preset=huge", "model.preset", "tiny"),
+        ("train.micro_batch_size=0", "train.micro_batch_size", "> 0"),
+    ],
+)
+def test_bad_values_name_the_field(override, field, text):
+    with pytest.raises(C.ConfigError) as e:
+        C.load("tiny_cpu", [override])
+    assert f"'{field}'" in str(e.value) and text in str(e.value)
+
+
+def test_unknown_preset_file_lists_shipped():
+    with pytest.raises(C.ConfigError, match="tiny_cpu"):
+        C.load("no_such_preset")
+
+
+def test_cli_exits_2_naming_field():
+    r = subprocess.run([sys.executable, "-m", "mama_ray.config", "--set", "optim.lrr=1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "optim.lrr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_markdown_reference_documents_every_field():
+    doc = C.markdown_reference()
+    assert "| `model.lora.r` | `8` | LoRA rank |" in doc
+    assert doc.count("\n| `") >= 90
