@@ -190,6 +190,11 @@ class EvalConfig:
     probe_steps: int = 8000  # linear-probe / fine-tune optimizer steps (§5.3)
     probe_lr: float = 5e-4  # probe SGD learning rate
     probe_batch_size: int = 36  # probe batch size
+    probe_warmup_steps: int = 100  # probe linear warm-up steps (then cosine to probe_min_lr)
+    probe_min_lr: float = 1e-5  # probe learning rate at the end of the cosine
+    probe_weight_decay: float = 1e-3  # probe SGD weight decay
+    probe_momentum: float = 0.9  # probe SGD momentum
+    concurrency: int = 2  # inference actors of the Ray Data map_batches pool (one GPU each if scaling.use_gpu)
     data_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # probe data shares
     retrieval_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # recall@K for retrieval
     attention_images: int = 4  # images drawn with sentence→patch heatmaps
@@ -472,6 +477,9 @@ def validate(cfg: Config) -> None:
         _fail("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
     if len(cfg.optim.betas) != 2:
         _fail("optim.betas", f"needs two values, got {cfg.optim.betas!r}")
+    _positive(cfg, "eval.batch_size", "eval.probe_steps", "eval.probe_batch_size", "eval.concurrency")
+    if not cfg.eval.data_fractions or not all(0.0 < f <= 1.0 for f in cfg.eval.data_fractions):
+        _fail("eval.data_fractions", f"needs shares in (0, 1], got {cfg.eval.data_fractions!r}")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         _fail("optim.warmup_steps", f"{cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}")
     fr = cfg.ingest.split_fractions

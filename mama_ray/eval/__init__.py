@@ -1,0 +1,1 @@
+"""Evaluation of a pretrained MaMA checkpoint (method §5): zero-shot, probes, retrieval, pictures."""
