@@ -78,3 +78,18 @@ def test_bad_shapes_raise():
         M.macro_auc(np.array([0, 1]), np.array([0.1, 0.9]))
     with pytest.raises(ValueError, match="empty"):
         M.recall_from_ranks(np.array([]), [1])
+
+
+def test_retrieval_both_directions_by_hand(monkeypatch):
+    from mama_ray.eval import retrieval
+
+    img = np.eye(3, dtype=np.float32)
+    # text 0 is closest to image 1, so image 0 → text 0 ranks 1 and text 0 → image 0 ranks 1
+    txt = np.array([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)
+    monkeypatch.setattr(retrieval, "CHUNK", 2)  # exercise the chunked path
+    out = retrieval.retrieval_metrics(img, txt, [1, 2])
+    # image→text: image0 sims (0.6, 0, 0) → rank 0; image1 (0.8, 1, 0) → 0; image2 → 0
+    assert out["image_to_text"] == {"R@1": 1.0, "R@2": 1.0}
+    # text→image: text0 sims (0.6, 0.8, 0) → rank 1; text1, text2 → 0
+    assert out["text_to_image"] == {"R@1": pytest.approx(2 / 3), "R@2": 1.0}
+    assert out["n"] == 3
