@@ -57,6 +57,7 @@ class IngestConfig:
     codec: Literal["png"] = "png"  # lossless codec of the stored images
     shard_mb: int = 256  # target shard size in MB (a study never spans two shards)
     row_group_studies: int = 64  # studies per Parquet row group
+    studies_per_shard: int = 0  # planned studies per shard; 0 = estimated from shard_mb and long_side
     admit_non_mg: bool = False  # folder mode: ingest non-mammography modalities instead of quarantining
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test, by patient
 
@@ -179,6 +180,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # checkpoints kept (latest K)
     max_failures: int = 3  # worker-group restarts Ray Train allows (-1 = unlimited)
     eval_at_end: bool = True  # run the zero-shot evaluation when training ends
+    stop_at_step: int = 0  # end this launch cleanly (with a checkpoint) after this step; 0 = at max_steps
 
 
 @dataclass

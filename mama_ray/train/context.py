@@ -1,0 +1,134 @@
+"""The small context the worker loop is written against: who am I, where do I train, how do I report.
+
+:class:`RayTrainContext` wraps ``ray.train`` inside a ``TorchTrainer`` worker; :class:`LocalContext`
+runs the same loop in one plain process (tests, benchmarks, debugging) and keeps its checkpoints in
+a local folder with the same keep-last-K rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class TrainContext:
+    """What the loop needs from its runtime. Subclasses fill in the fields and the three methods."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        """Publish metrics (and this rank's part of a checkpoint folder). A barrier: every rank calls it."""
+        raise NotImplementedError
+
+    def checkpoint_dir(self) -> contextlib.AbstractContextManager[str | None]:
+        """Context yielding a local folder with the checkpoint to resume from, or None."""
+        raise NotImplementedError
+
+
+class RayTrainContext(TrainContext):
+    """Inside a Ray Train worker. ``resume_from`` is used only when the run has no checkpoint yet."""
+
+    def __init__(self, resume_from: str = "", storage_filesystem=None):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._resume_from = resume_from
+        self._fs = storage_filesystem
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self._resume_from:
+            ckpt = _checkpoint_from_uri(self._resume_from, self._fs)
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+
+def _checkpoint_from_uri(uri: str, fs=None):
+    """A ``ray.train.Checkpoint`` for a user-given URI (local or s3://)."""
+    import ray.train
+
+    from mama_ray import storage
+
+    if fs is None:
+        fs, path = storage.filesystem(uri)
+    else:
+        path = storage.filesystem(uri)[1]
+    return ray.train.Checkpoint(path=path, filesystem=fs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalContext(TrainContext):
+    """One process, world size 1, checkpoints under ``root/checkpoint_*`` (latest K kept).
+
+    Use as a context manager: it creates (and later destroys) the one-rank gloo process group that
+    DeepSpeed needs.
+    """
+
+    def __init__(self, root: str | Path, keep: int = 2, resume_from: str | None = None):
+        self.root = Path(root)
+        self.keep = keep
+        self.resume_from = resume_from
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = sorted(self.root.glob("checkpoint_*"))
+
+    def __enter__(self) -> LocalContext:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if not torch.distributed.is_initialized():
+            port = free_port()
+            for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+                         "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+                os.environ[k] = v
+            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir:
+            dest = self.root / (name or f"checkpoint_{len(self.reports):08d}")
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)
+            self.checkpoints = [c for c in self.checkpoints if c != dest] + [dest]
+            while len(self.checkpoints) > self.keep:
+                shutil.rmtree(self.checkpoints.pop(0), ignore_errors=True)
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[str | None]:
+        if self.checkpoints:
+            yield str(self.checkpoints[-1])
+        else:
+            yield self.resume_from

@@ -1,0 +1,112 @@
+"""Training metrics: per-step accumulation, rank averaging, TensorBoard events and the progress line.
+
+Every ``train.log_every`` optimizer steps the loop reports (through the context, so they reach the
+Ray dashboard and Tune): each loss term averaged over the micro-batches and ranks, the learning
+rate, both scales (``exp`` of the learnable logits, i.e. the factors that multiply similarities),
+samples/s, the fraction of step time spent waiting for data, step time and peak memory. Rank 0 also
+writes them as TensorBoard scalars under ``<run_dir>/<run name>/tensorboard`` and prints one
+progress line with step and ETA.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mama_ray import storage
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def rank_mean(values: dict[str, float], world_size: int) -> dict[str, float]:
+    """Mean of each value over all ranks (one small all-reduce; identity on one rank)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return {k: v / world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+class StepMeter:
+    """Accumulates loss terms and timings between two reports."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.micro = 0
+        self.steps = 0
+        self.samples = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    def add_micro(self, terms: dict[str, torch.Tensor], samples: int, wait_s: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.micro += 1
+        self.samples += samples
+        self.wait += wait_s
+
+    def summary(self, world_size: int) -> dict[str, float]:
+        """Mean loss terms over micro-batches and ranks, plus throughput over the window."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        local = {k: v / max(self.micro, 1) for k, v in self.sums.items()}
+        local["data_wait_frac"] = self.wait / elapsed
+        out = rank_mean(local, world_size)
+        out["samples_per_s"] = self.samples * world_size / elapsed
+        out["step_time_s"] = elapsed / max(self.steps, 1)
+        return out
+
+
+class EventWriter:
+    """TensorBoard scalars for rank 0, written locally and copied to an s3:// run folder on flush."""
+
+    def __init__(self, run_uri: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = storage.join(run_uri, "tensorboard") if storage.is_s3(run_uri) else ""
+        if self.remote:
+            self._tmp = tempfile.TemporaryDirectory()
+            local = self._tmp.name
+        else:
+            local = str(Path(storage.filesystem(run_uri)[1]) / "tensorboard")
+        self.local = local
+        self.writer = SummaryWriter(local)
+
+    def scalars(self, metrics: dict[str, float], step: int) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote:
+            storage.upload_dir(self.local, self.remote)
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def progress_line(step: int, max_steps: int, metrics: dict[str, float], started: float, start_step: int) -> str:
+    """``step 25/60 (42%) loss 3.2104 lr 1.00e-03 31.4 samples/s wait 3% eta 0:00:41``."""
+    done = step - start_step
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    eta = int((max_steps - step) / rate) if rate > 0 else 0
+    return (f"step {step}/{max_steps} ({100 * step // max_steps}%) loss {metrics.get('loss', float('nan')):.4f} "
+            f"lr {metrics.get('lr', 0.0):.2e} {metrics.get('samples_per_s', 0.0):.1f} samples/s "
+            f"wait {100 * metrics.get('data_wait_frac', 0.0):.0f}% eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+
+
+def print_progress(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)

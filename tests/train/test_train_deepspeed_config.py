@@ -1,0 +1,45 @@
+"""The DeepSpeed config built from ours, per ZeRO stage and precision."""
+
+import pytest
+
+from mama_ray import config
+from mama_ray.config import ConfigError
+from mama_ray.train.deepspeed_config import build_deepspeed_config
+
+
+def _cfg(**over):
+    return config.load("tiny_cpu", {"train.micro_batch_size": 4, "train.grad_accum": 3, **over})
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_stage_and_batch_sizes(stage):
+    ds = build_deepspeed_config(_cfg(**{"deepspeed.zero_stage": stage}), world_size=2, on_gpu=False)
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert "optimizer" not in ds and "scheduler" not in ds  # ours: torch AdamW + our schedule
+    assert "gradient_clipping" not in ds  # the paper does not clip
+
+
+@pytest.mark.parametrize(("precision", "on_gpu", "bf16"), [
+    ("auto", True, True), ("auto", False, False), ("bf16", False, True), ("fp32", True, False)])
+def test_precision(precision, on_gpu, bf16):
+    ds = build_deepspeed_config(_cfg(**{"deepspeed.precision": precision}), world_size=1, on_gpu=on_gpu)
+    assert ds.get("bf16", {}).get("enabled", False) is bf16
+    assert "fp16" not in ds
+
+
+def test_clipping_and_offload():
+    cfg = _cfg(**{"optim.grad_clip": 1.5, "deepspeed.zero_stage": 3, "deepspeed.offload_optimizer": True,
+                  "deepspeed.offload_param": True})
+    ds = build_deepspeed_config(cfg, world_size=4, on_gpu=True)
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert ds["zero_optimization"]["overlap_comm"] is True
+
+
+def test_offload_needs_zero():
+    with pytest.raises(ConfigError, match="deepspeed.offload_optimizer"):
+        build_deepspeed_config(_cfg(**{"deepspeed.zero_stage": 0, "deepspeed.offload_optimizer": True}), 1, False)
