@@ -1,4 +1,4 @@
-"""Shard I/O: the one image encode/decode path and the Parquet shard writer.
+"""Shard I/O: the one image encode/decode path, the Parquet shard writer, manifest helpers.
 
 Stored images are grayscale uint8 arrays encoded losslessly (PNG). The training pipeline reads
 them back with :func:`decode_image`; nothing else in mama-ray decodes a stored image.
@@ -6,8 +6,16 @@ them back with :func:`decode_image`; nothing else in mama-ray decodes a stored i
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mama_ray.data.schema import SHARD_SCHEMA
+from mama_ray.storage import StorageOptions, join, read_bytes
 
 CODECS = ("png",)
 PNG_COMPRESSION = 3  # zlib level: shards are already zstd-compressed around it; 3 is ~2× faster than 9
@@ -50,3 +58,53 @@ def decode_image(data: bytes, codec: str) -> np.ndarray:
     if arr is None:
         raise ValueError(f"cannot decode {len(data)} bytes as {codec}")
     return arr
+
+
+# ------------------------------------------------------------------------------------------
+# Shard files, quarantine report, manifest (design §3.2)
+# ------------------------------------------------------------------------------------------
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("source", pa.string()),  # URI of the input that was not ingested
+    ("image_id", pa.string()),
+    ("study_id", pa.string()),
+    ("reason", pa.string()),  # one human-readable line
+])
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.parquet"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _parquet(table: pa.Table, row_group_size: int) -> bytes:
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
+    return buf.getvalue().to_pybytes()
+
+
+def shard_bytes(rows: list[dict], row_group_studies: int) -> bytes:
+    """One shard: study rows (sorted by ``study_id``) as zstd Parquet in :data:`SHARD_SCHEMA`."""
+    rows = sorted(rows, key=lambda r: r["study_id"])
+    return _parquet(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), max(1, row_group_studies))
+
+
+def quarantine_bytes(entries: list[dict]) -> bytes:
+    """The quarantine report (sorted by source, then reason) as Parquet."""
+    entries = sorted(entries, key=lambda e: (e["source"], e["reason"]))
+    return _parquet(pa.Table.from_pylist(entries, schema=QUARANTINE_SCHEMA), 1 << 20)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(shards: str, opts: StorageOptions | None = None) -> dict:
+    """The ``manifest.json`` of an ingest output (raises StorageError if there is none)."""
+    return json.loads(read_bytes(join(shards, MANIFEST), opts))
+
+
+def shard_files(shards: str, opts: StorageOptions | None = None) -> list[str]:
+    """URIs of the shards a manifest lists, in order."""
+    return [join(shards, s["file"]) for s in read_manifest(shards, opts)["shards"]]
