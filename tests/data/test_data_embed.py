@@ -5,7 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from mama_ray.data.embed import EmbedTables, choose_clinical_row, image_records, load_tables, patient_splits
+from mama_ray.data.embed import (
+    EmbedTables,
+    choose_clinical_row,
+    image_records,
+    load_tables,
+    patient_splits,
+)
 
 
 def _rows(*pairs):

@@ -13,7 +13,14 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from mama_ray.data.synthetic import _dicom_bytes, _stored
-from mama_ray.dicom import DicomError, PixelSettings, otsu_crop, read_header, read_image, resize_long_side
+from mama_ray.dicom import (
+    DicomError,
+    PixelSettings,
+    otsu_crop,
+    read_header,
+    read_image,
+    resize_long_side,
+)
 from mama_ray.dicom.pixels import to_uint8
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # bundled, no download
