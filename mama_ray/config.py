@@ -58,6 +58,7 @@ class IngestConfig:
     shard_mb: int = 256  # target shard size in MB (a study never spans two shards)
     row_group_studies: int = 64  # studies per Parquet row group
     studies_per_shard: int = 0  # planned studies per shard; 0 = estimated from shard_mb and long_side
+    concurrency: int = 0  # most study tasks at once (caps S3 load); 0 = as many as CPUs allow
     admit_non_mg: bool = False  # folder mode: ingest non-mammography modalities instead of quarantining
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test, by patient
 

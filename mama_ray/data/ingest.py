@@ -247,9 +247,10 @@ def _process(out: str, plan: IngestPlan, todo: list[int], cfg: Config, opts: Sto
 
     items = [{"shard": k, "task": json.dumps(asdict(s))} for k in todo for s in plan.shards[k]]
     expected = {k: len(plan.shards[k]) for k in todo}
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(  # one block = one study
         ingest_study, fn_kwargs=dict(settings=PixelSettings.from_config(cfg.ingest),
-                                     codec=cfg.ingest.codec, opts=opts))
+                                     codec=cfg.ingest.codec, opts=opts),
+        concurrency=cfg.ingest.concurrency or None)
     pending: dict[int, list] = defaultdict(list)
     for row in ds.iter_rows():
         k = int(row["shard"])
