@@ -1,0 +1,199 @@
+"""The training and eval pipeline on a real local Ray cluster over synthetic shards (issue 6)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from mama_ray import config, storage
+from mama_ray.data import captions, pipeline, transforms
+from mama_ray.data.shards import decode_image
+
+SIZE, MBS, MAX_LEN = 32, 4, 144
+# How a masked meta field reads in the caption (the fixture's real values are never "unknown").
+MASKED_PHRASE = {
+    "race": r"This patient is unknown,",
+    "ethnicity": r", unknown, and",
+    "age": r"and unknown years old",
+    "type": r"This is a unknown full-field",
+    "side": r"of the unknown breast",
+    "view": r"with unknown view",
+}
+
+
+def make_cfg(shards: str, **extra) -> config.Config:
+    return config.load("tiny_cpu", {
+        "data.shards": shards, "data.image_size": SIZE, "train.micro_batch_size": MBS,
+        "data.map_batch_size": 32, "data.map_concurrency": 2, "data.shuffle_buffer": 16,
+        "text.max_len": MAX_LEN, **extra})
+
+
+def rows_of(batches: list[dict]) -> list[dict]:
+    """Micro-batches → one dict per sample (tensors as numpy)."""
+    out = []
+    for b in batches:
+        for i in range(len(b["study_id"])):
+            out.append({k: (v[i].numpy() if isinstance(v, torch.Tensor) else v[i]) for k, v in b.items()})
+    return out
+
+
+def run_epoch(cfg, epoch=0, rank=0, world=1, skip=0) -> list[dict]:
+    return rows_of(list(pipeline.iter_train_batches(cfg, epoch, rank, world, skip, drop_last=False)))
+
+
+def same_samples(a: list[dict], b: list[dict]) -> bool:
+    keys = ("image1", "image2", "input_ids", "sep_mask", "image_id", "image2_id", "epoch_position")
+    return len(a) == len(b) and all(
+        np.array_equal(np.asarray(x[k]), np.asarray(y[k])) for x, y in zip(a, b, strict=True) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def truth(shard_set):
+    root, studies = shard_set
+    usable = {s["study_id"]: [i["image_id"] for i in s["images"] if i["birads"]] for s in studies}
+    train = sorted(i for s in studies if s["split"] == "train" for i in usable[s["study_id"]])
+    return {"usable": usable, "train": train, "studies": {s["study_id"]: s for s in studies}}
+
+
+@pytest.fixture(scope="module")
+def epoch0(ray_session, shard_set):
+    cfg = make_cfg(str(shard_set[0]))
+    return cfg, run_epoch(cfg)
+
+
+def test_epoch_has_one_sample_per_usable_training_image(epoch0, truth):
+    _, rows = epoch0
+    assert sorted(r["image_id"] for r in rows) == truth["train"]
+    assert [int(r["sample_index"]) for r in rows] == list(range(len(truth["train"])))
+    assert [int(r["epoch_position"]) for r in rows] == list(range(len(truth["train"])))
+    # shard order and the local shuffle move samples away from the stored order
+    assert [r["image_id"] for r in rows] != truth["train"]
+
+
+def test_second_image_comes_from_the_same_study(epoch0, truth):
+    _, rows = epoch0
+    for r in rows:
+        assert r["image2_id"] in truth["usable"][r["study_id"]]
+        assert r["image_id"] in truth["usable"][r["study_id"]]
+        assert bool(r["pair_same_image"]) == (r["image2_id"] == r["image_id"])
+        if len(truth["usable"][r["study_id"]]) == 1:
+            assert r["pair_same_image"]
+
+
+def test_cross_image_share_is_about_one_half(epoch0, truth):
+    _, rows = epoch0
+    multi = [r for r in rows if len(truth["usable"][r["study_id"]]) > 1]
+    share = np.mean([not r["pair_same_image"] for r in multi])
+    assert len(multi) >= 80
+    assert 0.35 <= share <= 0.65, share
+
+
+def test_each_meta_field_is_masked_in_about_80_percent_of_captions(epoch0):
+    _, rows = epoch0
+    for field, phrase in MASKED_PHRASE.items():
+        share = np.mean([bool(re.search(phrase, r["caption"])) for r in rows])
+        assert 0.68 <= share <= 0.92, (field, share)
+
+
+def test_tokens_match_the_caption(epoch0):
+    cfg, rows = epoch0
+    for r in rows[:10]:
+        want = pipeline.tokenize(cfg, [captions.to_model_text(r["caption"])])
+        assert np.array_equal(r["input_ids"], want["input_ids"][0])
+        assert np.array_equal(r["attention_mask"], want["attention_mask"][0])
+        n_sep = r["caption"].count(".") + r["caption"].count(";")
+        assert r["attention_mask"].sum() < MAX_LEN  # not truncated, so every separator is there
+        assert r["sep_mask"].sum() == n_sep
+
+
+def test_batches_follow_the_sample_contract(ray_session, shard_set, truth):
+    cfg = make_cfg(str(shard_set[0]))
+    it = pipeline.iter_train_batches(cfg, 0)
+    batches = list(it)
+    assert len(batches) == it.num_batches == len(truth["train"]) // MBS
+    assert it.wait_seconds > 0 and it.last_wait >= 0
+    b = batches[0]
+    assert set(b) >= {"image1", "image2", "input_ids", "attention_mask", "sep_mask", "density",
+                      "birads", "study_id", "image_id", "sample_index", "pair_same_image"}
+    for key in ("image1", "image2"):
+        assert b[key].dtype == torch.uint8 and tuple(b[key].shape) == (MBS, 3, SIZE, SIZE)
+        assert torch.equal(b[key][:, 0], b[key][:, 2])
+    for key in ("input_ids", "attention_mask"):
+        assert b[key].dtype == torch.int64 and tuple(b[key].shape) == (MBS, MAX_LEN)
+    assert b["sep_mask"].dtype == torch.bool and tuple(b["sep_mask"].shape) == (MBS, MAX_LEN)
+    assert b["density"].dtype == torch.int64 and b["birads"].dtype == torch.int64
+    for i, image_id in enumerate(b["image_id"]):
+        img = next(x for x in truth["studies"][b["study_id"][i]]["images"] if x["image_id"] == image_id)
+        assert int(b["density"][i]) == img["density"] - 1
+        assert int(b["birads"][i]) == "ANBPSMK".index(img["birads"])
+
+
+def test_same_seed_same_batches_and_epochs_differ(epoch0):
+    cfg, rows = epoch0
+    assert same_samples(run_epoch(cfg), rows)
+    other = run_epoch(cfg, epoch=1)
+    assert sorted(r["image_id"] for r in other) == sorted(r["image_id"] for r in rows)
+    assert [r["image_id"] for r in other] != [r["image_id"] for r in rows]
+
+
+def test_restart_mid_epoch_yields_exactly_the_rest(epoch0):
+    cfg, full_w1 = epoch0
+    full = run_epoch(cfg, rank=1, world=2)
+    assert len(full) == len(full_w1) // 2
+    resumed = run_epoch(cfg, rank=1, world=2, skip=5)
+    assert same_samples(resumed, full[5:])
+    # A sample depends on (seed, epoch, epoch position) only: rank 1 of 2 holds positions 1, 3, 5…
+    assert same_samples(full, full_w1[1 : 2 * len(full) : 2])
+
+
+def test_reading_from_s3_gives_the_same_samples(epoch0, s3_bucket, shard_set):
+    cfg, rows = epoch0
+    _, bucket = s3_bucket
+    storage.upload_dir(shard_set[0], f"s3://{bucket}/shards")
+    s3_rows = run_epoch(config.override(cfg, {"data.shards": f"s3://{bucket}/shards"}))
+    assert same_samples(s3_rows, rows)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, truth, split):
+    cfg = make_cfg(str(shard_set[0]))
+    rows = pipeline.build_eval_dataset(cfg, split).take_all()
+    want = sorted(i for sid, s in truth["studies"].items() if s["split"] == split for i in truth["usable"][sid])
+    assert sorted(r["image_id"] for r in rows) == want
+    for r in rows:
+        study = truth["studies"][r["study_id"]]
+        img = next(x for x in study["images"] if x["image_id"] == r["image_id"])
+        fields = pipeline.caption_fields(study, img)
+        assert pipeline.eval_caption_fields(r) == fields
+        tokens = pipeline.tokenize(cfg, [captions.to_model_text(captions.caption_text(fields))])
+        assert np.array_equal(r["input_ids"], tokens["input_ids"][0])  # nothing masked
+        gray = transforms.eval_transform(decode_image(img["image"], "png"), SIZE)
+        assert np.array_equal(r["image"], transforms.to_rgb_chw(gray))
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, shard_set):
+    with pytest.raises(ValueError, match="data.shards is empty"):
+        pipeline.split_index(make_cfg(""), "train")
+    with pytest.raises(ValueError, match="no .parquet shards"):
+        pipeline.split_index(make_cfg(str(tmp_path)), "train")
+    cfg = make_cfg(str(shard_set[0]))
+    with pytest.raises(ValueError, match="split 'dev'"):
+        pipeline.split_index(cfg, "dev")
+    with pytest.raises(ValueError, match="rank 2"):
+        pipeline.rank_plan(cfg, 0, 2, 2)
+    with pytest.raises(ValueError, match="skip_samples"):
+        pipeline.rank_plan(cfg, 0, 0, 1, skip_samples=10_000)
+
+
+def test_epoch_positions_are_a_windowed_permutation(shard_set):
+    index = pipeline.split_index(make_cfg(str(shard_set[0])), "train")
+    _, pos = pipeline.epoch_positions(index, seed=42, epoch=0, buffer=16)
+    assert sorted(pos.tolist()) == list(range(index.num_samples))
+    q = np.arange(index.num_samples)
+    assert (pos // 16 == q // 16).all()  # a sample moves only inside its window
+    _, again = pipeline.epoch_positions(index, seed=42, epoch=0, buffer=16)
+    _, other = pipeline.epoch_positions(index, seed=42, epoch=1, buffer=16)
+    assert np.array_equal(pos, again) and not np.array_equal(pos, other)

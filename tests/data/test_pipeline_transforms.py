@@ -1,0 +1,85 @@
+"""Image transforms of method §1.6: Otsu crop, random resized crop, jitter, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mama_ray.data import transforms
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def test_otsu_crop_finds_the_bright_rectangle():
+    img = np.full((40, 30), 10, np.uint8)
+    img[5:25, 12:28] = 200  # rows 5..24, cols 12..27
+    out = transforms.otsu_crop(img)
+    assert out.shape == (20, 16)
+    assert (out == 200).all()
+
+
+def test_otsu_crop_keeps_a_flat_image_whole():
+    img = np.full((12, 9), 0, np.uint8)
+    assert transforms.otsu_crop(img).shape == (12, 9)
+
+
+def test_transforms_reject_colour_images():
+    with pytest.raises(ValueError, match="grayscale"):
+        transforms.otsu_crop(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_crop_box_respects_scale_and_ratio():
+    for seed in range(200):
+        top, left, h, w = transforms.crop_box(_rng(seed), 100, 100)
+        assert 0 <= top <= 100 - h and 0 <= left <= 100 - w
+        # rounding of w and h moves the area/ratio by at most a pixel's worth
+        assert 0.1 * 10000 * 0.9 <= h * w <= 10000
+        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+
+
+def test_crop_box_falls_back_to_the_centre_for_impossible_shapes():
+    # A 1×1000 strip admits no box with aspect 3/4–4/3 and ≥10 % of the area: centre crop.
+    top, left, h, w = transforms.crop_box(_rng(1), 1, 1000)
+    assert (h, w) == (1, round(4 / 3))
+    assert (top, left) == (0, (1000 - w) // 2)
+
+
+def test_color_jitter_on_a_flat_image_is_brightness_only():
+    img = np.full((8, 8), 100, np.uint8)
+    draws = _rng(5)
+    draws.permutation(4)
+    brightness = draws.uniform(0.2, 1.8)  # contrast around the mean leaves a flat image as it is
+    out = transforms.color_jitter(img, _rng(5))
+    assert (out == min(255, round(100 * brightness))).all()
+
+
+def test_gaussian_blur_keeps_flat_images_and_smooths_an_impulse():
+    flat = np.full((9, 9), 77, np.uint8)
+    assert (transforms.gaussian_blur(flat, 1.5) == 77).all()
+    impulse = np.zeros((9, 9), np.uint8)
+    impulse[4, 4] = 255
+    out = transforms.gaussian_blur(impulse, 1.0)
+    g = np.exp(-(np.arange(-3, 4) ** 2) / 2.0)
+    g /= g.sum()
+    assert abs(int(out[4, 4]) - 255 * g[3] ** 2) <= 1  # the 7×7 kernel's centre weight
+
+
+def test_train_transform_is_a_function_of_the_generator():
+    img = _rng(0).integers(0, 255, (60, 40)).astype(np.uint8)
+    a = transforms.train_transform(img, 32, _rng(3))
+    b = transforms.train_transform(img, 32, _rng(3))
+    c = transforms.train_transform(img, 32, _rng(4))
+    assert a.shape == (32, 32) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_eval_transform_is_crop_then_resize_and_rgb_repeats_gray():
+    img = np.zeros((50, 40), np.uint8)
+    img[10:30, 5:25] = 180
+    out = transforms.eval_transform(img, 16)
+    assert out.shape == (16, 16) and (out == 180).all()
+    rgb = transforms.to_rgb_chw(out)
+    assert rgb.shape == (3, 16, 16) and all(np.array_equal(rgb[c], out) for c in range(3))
