@@ -1,0 +1,178 @@
+"""Zero-shot BI-RADS (7 classes) and density (4 classes) classification (method §5.1).
+
+For every test image the class prompts are built in the training caption format with that
+image's **own unmasked** meta prefix (procedure, reason, patient and image info), so only the
+class-specific sentences differ between the prompts of one image. The prompt's global text feature
+is the hidden state at the first padding position (``eval.text_feature: first_pad``, as the
+original zero-shot code) or the training mean pool (``mean``); score = τ·cos(image, prompt) with
+τ = exp(logit_scale); prediction = argmax. Metrics use softmax(score) once (§5.2).
+
+Inference is distributed with Ray Data: the evaluation split is scored by ``map_batches`` with a
+callable class, so an actor pool (``eval.concurrency`` actors, one GPU each when
+``scaling.use_gpu``) loads the checkpoint once per actor and streams the test shards through it.
+
+Class-balanced test set (``eval.balanced_test``, the paper's ``--balanced_test``; its subset files
+were not released): per task, among the images with a known label, every class present keeps
+``m`` images drawn without replacement with ``numpy.random.default_rng(run.seed)``, ``m`` = the
+count of the rarest present class. A class with no test image is absent from the subset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mama_ray.config import Config
+from mama_ray.data import captions
+
+TASKS = ("density", "birads")
+NUM_CLASSES = {"density": 4, "birads": 7}
+CLASS_NAMES = {
+    "density": ["A fatty", "B scattered", "C heterogeneous", "D extreme"],
+    "birads": [f"{n} ({c})" for n, c in enumerate(captions.BIRADS_LETTERS)],
+}
+
+
+def row_fields(batch: dict[str, np.ndarray], i: int) -> captions.CaptionFields:
+    """The unmasked caption fields of row ``i`` of an evaluation batch."""
+    from mama_ray.data.pipeline import EVAL_FIELDS, eval_caption_fields
+
+    return eval_caption_fields({k: batch[k][i] for k in EVAL_FIELDS})
+
+
+def prompts(fields: captions.CaptionFields, task: str) -> list[str]:
+    """The model texts (BOS … EOS, separators) of one image's class prompts for ``task``."""
+    make = captions.density_prompts if task == "density" else captions.birads_prompts
+    return [captions.to_model_text(p) for p in make(fields)]
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], max_len: int, pooling: str) -> torch.Tensor:
+    """Global text embeddings (N×E, L2-normalised) of model texts."""
+    from mama_ray.models.tokenizer import encode_texts as tokenize
+
+    enc = {k: torch.as_tensor(v) for k, v in tokenize(tokenizer, texts, max_len).items()}
+    out = model.encode_text(enc["input_ids"], enc["attention_mask"], pooling=pooling, local=False)
+    return out["text_emb"].float()
+
+
+@torch.no_grad()
+def score_batch(model, tokenizer, batch: dict[str, np.ndarray], max_len: int, pooling: str) -> dict:
+    """τ·cos scores of every image in ``batch`` against its own class prompts.
+
+    Returns:
+        ``{"density_scores": B×4, "birads_scores": B×7}`` float32 numpy arrays.
+    """
+    image_emb = model.encode_image(torch.as_tensor(batch["image"]), local=False)["image_emb"].float()  # B×E
+    tau = model.logit_scale.detach().float().exp()
+    fields = [row_fields(batch, i) for i in range(len(image_emb))]
+    out = {}
+    for task in TASKS:
+        texts = [t for f in fields for t in prompts(f, task)]
+        text_emb = encode_texts(model, tokenizer, texts, max_len, pooling)  # (B·K)×E
+        text_emb = text_emb.view(len(fields), NUM_CLASSES[task], -1)  # B×K×E
+        out[f"{task}_scores"] = (tau * torch.einsum("be,bke->bk", image_emb, text_emb)).numpy()
+    return out
+
+
+class ZeroShotScorer:
+    """Ray Data ``map_batches`` callable: loads a checkpoint once per actor, scores batches."""
+
+    def __init__(self, cfg: Config, checkpoint_uri: str):
+        from mama_ray.train.checkpoint import load_model_from_checkpoint
+
+        torch.set_grad_enabled(False)
+        self.model, self.tokenizer, model_cfg, _ = load_model_from_checkpoint(checkpoint_uri)
+        self.model.eval()
+        self.max_len = model_cfg.text.max_len
+        self.pooling = cfg.eval.text_feature
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        scores = score_batch(self.model, self.tokenizer, batch, self.max_len, self.pooling)
+        return {"image_id": batch["image_id"], "density": batch["density"],
+                "birads": batch["birads"], **scores}
+
+
+def balanced_subset(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Sorted row indices of a class-balanced subset of the rows with a known label (≥ 0)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    classes = [c for c in np.unique(labels) if c >= 0]
+    if not classes:
+        return np.zeros(0, dtype=np.int64)
+    m = min(int((labels == c).sum()) for c in classes)
+    picks = [rng.choice(np.flatnonzero(labels == c), size=m, replace=False) for c in classes]
+    return np.sort(np.concatenate(picks))
+
+
+def map_options(cfg: Config) -> dict:
+    """``map_batches`` arguments of the inference actor pool."""
+    gpu = 1 if cfg.scaling.use_gpu else 0
+    return {"batch_size": cfg.eval.batch_size, "concurrency": cfg.eval.concurrency,
+            "num_gpus": gpu, "num_cpus": 0 if gpu else 1}
+
+
+def collect(ds) -> dict[str, np.ndarray]:
+    """All rows of a (small, image-free) dataset as numpy columns, sorted by ``image_id``."""
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        raise ValueError("the evaluation split is empty: no image to evaluate")
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(cols["image_id"], kind="stable")
+    return {k: v[order] for k, v in cols.items()}
+
+
+def task_rows(cfg: Config, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Image ids evaluated per task: labelled rows, class-balanced if ``eval.balanced_test``."""
+    out = {}
+    for task in TASKS:
+        y = np.asarray(labels[task], dtype=np.int64)
+        rows = balanced_subset(y, cfg.run.seed) if cfg.eval.balanced_test else np.flatnonzero(y >= 0)
+        out[task] = labels["image_id"][rows]
+    return out
+
+
+def score_split(cfg: Config, checkpoint_uri: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Score the evaluation split over Ray.
+
+    With ``eval.balanced_test`` a first pass reads the labels and picks the balanced subsets, so
+    only their images are scored.
+
+    Returns:
+        (predictions: numpy columns ``image_id``, ``density``, ``birads``, ``density_scores``,
+        ``birads_scores`` sorted by image id; task → image ids the task is evaluated on).
+    """
+    from mama_ray.data.pipeline import build_eval_dataset
+
+    ds = build_eval_dataset(cfg, cfg.eval.split)
+    if cfg.eval.balanced_test:
+        ids = task_rows(cfg, collect(ds.select_columns(["image_id", "density", "birads"])))
+        keep = set(np.concatenate(list(ids.values())).tolist())
+        ds = ds.filter(lambda row: row["image_id"] in keep)
+    scored = ds.map_batches(ZeroShotScorer, fn_constructor_kwargs={"cfg": cfg, "checkpoint_uri": checkpoint_uri},
+                            **map_options(cfg))
+    preds = collect(scored)
+    return preds, (ids if cfg.eval.balanced_test else task_rows(cfg, preds))
+
+
+def task_metrics(preds: dict[str, np.ndarray], ids: dict[str, np.ndarray]) -> dict:
+    """Per-task classification metrics (see :func:`metrics.classification_metrics`)."""
+    from mama_ray.eval.metrics import classification_metrics
+
+    out = {}
+    for task in TASKS:
+        rows = np.isin(preds["image_id"], ids[task])
+        if not rows.any():
+            raise ValueError(f"zero-shot {task}: no test image has a {task} label")
+        out[task] = classification_metrics(preds[task][rows], preds[f"{task}_scores"][rows])
+    return out
+
+
+def format_table(metrics: dict) -> str:
+    """The zero-shot summary table printed at the end of a run."""
+    lines = [f"{'zero-shot':<10}{'n':>7}{'acc':>8}{'bal.acc':>9}{'AUC':>8}{'chance':>8}"]
+    for task in TASKS:
+        m = metrics[task]
+        lines.append(f"{task:<10}{m['n']:>7}{m['accuracy']:>8.3f}{m['balanced_accuracy']:>9.3f}"
+                     f"{m['auc']:>8.3f}{1 / NUM_CLASSES[task]:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Fixtures of the evaluation tests: tiny shards and a tiny, randomly initialised checkpoint.
+
+The shards come from the data tests' writer (``tests/data/conftest.py``: §3.2 schema, known
+contents). The checkpoint folder has the layout the training loop writes on rank 0
+(``config.yaml``, ``model/model.safetensors`` + ``weights.json``, ``tokenizer/``,
+``train_state.json``), so ``load_model_from_checkpoint`` reads it like a real one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from mama_ray import config
+
+
+def _data_fixtures():
+    path = Path(__file__).parents[1] / "data" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("mama_test_data_fixtures", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_shards = _data_fixtures().make_shards
+
+
+def write_checkpoint(folder: Path, model, cfg) -> str:
+    """Write ``model`` as a (rank-0, consolidated) training checkpoint; returns its URI."""
+    from safetensors.torch import save_file
+
+    from mama_ray.models.tokenizer import save_tokenizer
+    from mama_ray.train.checkpoint import TrainState
+
+    (folder / "model").mkdir(parents=True)
+    state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model" / "model.safetensors"))
+    (folder / "model" / "weights.json").write_text(json.dumps({"frozen_included": True}))
+    save_tokenizer(model.tokenizer, str(folder / "tokenizer"))
+    (folder / "config.yaml").write_text(config.dump_yaml(cfg))
+    (folder / "train_state.json").write_text(json.dumps(asdict(TrainState(step=7))))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def eval_shards(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """``(folder, study rows)``: 80 studies (16 in the test split), 48-px images, fixed seed."""
+    root = tmp_path_factory.mktemp("eval_shards")
+    return root, make_shards(root, 80, seed=11)
+
+
+@pytest.fixture(scope="module")
+def test_image_ids(eval_shards) -> list[str]:
+    """Sorted ids of the test split's usable images (those with a BI-RADS letter)."""
+    return sorted(img["image_id"] for s in eval_shards[1] if s["split"] == "test"
+                  for img in s["images"] if img["birads"] is not None)
+
+
+@pytest.fixture(scope="module")
+def eval_cfg(eval_shards) -> config.Config:
+    return config.load("tiny_cpu", {"data.shards": str(eval_shards[0]), "eval.batch_size": 8,
+                                    "eval.concurrency": 1, "data.map_batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, eval_cfg) -> str:
+    """A randomly initialised tiny model saved as a checkpoint (seed 0)."""
+    from mama_ray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(eval_cfg).eval()
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_00000007", model, eval_cfg)
