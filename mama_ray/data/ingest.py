@@ -57,6 +57,7 @@ from mama_ray.storage import (
 
 PARTS = "_parts"  # per-shard receipts and the plan fingerprint
 PNG_BYTES_PER_PIXEL = 0.35  # planning estimate: stored PNG bytes per long_side² (cropped breast ≈ 0.6 area)
+HEADERS_PER_TASK = 256  # folder mode: files whose headers one scan task reads
 LABEL_KEYS = ("density", "birads", "mass_shape", "mass_density", "calc_find", "calc_distri")
 
 
@@ -141,7 +142,9 @@ def _folder_studies(dicoms: str, admit_non_mg: bool, opts: StorageOptions) -> tu
     if not files:
         raise StorageError(f"{dicoms}: no files to ingest")
     root = _listing_root(dicoms)
-    scanned = ray.data.from_items([{"source": f} for f in files]).map(_scan_header, fn_kwargs={"opts": opts}).take_all()
+    blocks = -(-len(files) // HEADERS_PER_TASK)  # header reads are cheap: batch them per task
+    scanned = (ray.data.from_items([{"source": f} for f in files], override_num_blocks=blocks)
+               .map(_scan_header, fn_kwargs={"opts": opts}).take_all())
     studies: dict[str, StudyTask] = {}
     quarantine = []
     for row in sorted(scanned, key=lambda r: r["source"]):
