@@ -31,7 +31,13 @@ INIT_SCALE = math.log(1 / 0.07)  # both temperatures start at ln(1/0.07) ≈ 2.6
 
 
 def normalize_image(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 pixels → (x/255 − 0.5)/0.5 (method §1.6); floats are taken as already normalised."""
+    """uint8 pixels → (x/255 − 0.5)/0.5 (method §1.6); floats are taken as already normalised.
+
+    A single gray channel (B×1×H×W) is replicated to RGB here, so only a third of the bytes
+    need to travel to the device.
+    """
+    if image.shape[1] == 1:
+        image = image.expand(-1, 3, -1, -1)
     if image.dtype == torch.uint8:
         return (image.to(dtype) / 255.0 - 0.5) / 0.5
     return image.to(dtype)
@@ -65,7 +71,7 @@ class MamaModel(nn.Module):
         """Image features.
 
         Args:
-            image: B×3×H×W, uint8 (normalised here) or float already normalised.
+            image: B×3×H×W (or B×1×H×W gray), uint8 (normalised here) or float already normalised.
             local: also compute ``patch_emb`` (skip it for the second view, whose patches no loss
                 uses, so its batch does not move the local head's BatchNorm statistics).
         Returns:

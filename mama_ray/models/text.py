@@ -14,6 +14,7 @@ GPT-2 ``c_attn`` (fused QKV, the PEFT default the method used; also ``c_proj``, 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def add_lora(trunk: PreTrainedModel, arch: str, lcfg: LoraConfig) -> nn.Module:
     peft_cfg = PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                               target_modules=list(lcfg.targets), bias="none",
                               fan_in_fan_out=arch == "gpt2")  # GPT-2's Conv1D stores W as in×out
-    return get_peft_model(trunk, peft_cfg)
+    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(trunk, peft_cfg)
 
 
 class TextTower(nn.Module):

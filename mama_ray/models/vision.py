@@ -59,7 +59,16 @@ class VisionTower(nn.Module):
             vit.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixels`` B×3×H×W normalised → (pooled B×C, patches B×P×C)."""
+        """``pixels`` B×3×H×W normalised → (pooled B×C, patches B×P×C).
+
+        Raises:
+            ValueError: H×W is not the size the position embedding was built for (the method
+                never interpolates it; HF would do so silently).
+        """
+        size = self.vit.config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"image is {tuple(pixels.shape[-2:])} but the ViT is built for {size}×{size} "
+                             "(model.vision.image_size must equal data.image_size)")
         tokens = self.vit.embeddings(pixels)  # B×(1+R+P)×C
         tokens = self.vit.encoder(tokens).last_hidden_state  # output of the last block, pre-LN
         pooled = tokens.mean(dim=1)  # B×C: mean over CLS, registers and patches

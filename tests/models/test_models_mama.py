@@ -69,8 +69,14 @@ def test_uint8_images_are_normalised_inside(cfg, tok):
     with torch.no_grad():
         a = model.encode_image(img)
         b = model.encode_image((img.float() / 255 - 0.5) / 0.5)
+        gray = model.encode_image(img[:, :1])  # one gray channel is replicated to RGB
     for k in a:
         torch.testing.assert_close(a[k], b[k])
+    img3 = img[:, :1].expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(gray["image_emb"], model.encode_image(img3)["image_emb"])
+    with pytest.raises(ValueError, match="built for 64×64"):
+        model.encode_image(img[:, :, :56, :56])  # no silent position-embedding interpolation
 
 
 def test_pooled_is_pre_ln_mean_of_all_tokens_and_patches_post_ln(cfg, tok):
