@@ -208,6 +208,14 @@ def test_tower_weights_load_from_folder_and_s3(cfg, tok, tmp_path, s3_bucket):
         assert torch.equal(model.vision.vit.get_parameter(name), src.vision.vit.get_parameter(name))
     emb = "base_model.model.wte.weight"
     assert torch.equal(model.text.lm.get_parameter(emb), src.text.lm.get_parameter(emb))
+    # a checkpoint whose vocabulary lacks the added tokens grows to the tokenizer's length
+    from transformers import GPT2Config, GPT2Model
+    small = GPT2Model(GPT2Config(vocab_size=100, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                 bos_token_id=None, eos_token_id=None))
+    small.save_pretrained(tmp_path / "small")
+    grown = make_model(cfg, tok, **{"model.text.weights": str(tmp_path / "small")})
+    wte = grown.text.lm.get_parameter(emb)
+    assert wte.shape == (len(tok), 32) and torch.equal(wte[:100], small.wte.weight)
     with pytest.raises(ValueError, match="hidden_size"):
         make_model(cfg, tok, **{"model.vision.weights": str(tmp_path / "vit"), "model.vision.hidden_size": 64,
                                 "model.vision.num_heads": 2})
