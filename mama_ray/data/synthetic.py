@@ -171,7 +171,7 @@ def _dicom_bytes(pixels: np.ndarray, bits: int, mono1: bool, syntax, tags: dict,
     ds.PixelData = pixels.tobytes()
     if syntax in ENCODERS:
         kwargs = {"encoding_plugin": ENCODERS[syntax]} if ENCODERS[syntax] else {}
-        ds.compress(syntax, **kwargs)
+        ds.compress(syntax, generate_instance_uid=False, **kwargs)  # keep the seeded UID
     elif syntax == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = syntax
     buf = io.BytesIO()
