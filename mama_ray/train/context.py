@@ -92,8 +92,8 @@ def free_port() -> int:
 class LocalContext(TrainContext):
     """One process, world size 1, checkpoints under ``root/checkpoint_*`` (latest K kept).
 
-    Use as a context manager: it creates (and later destroys) the one-rank gloo process group that
-    DeepSpeed needs.
+    Use as a context manager: it creates the one-rank gloo process group DeepSpeed needs (once per
+    process; later contexts reuse it).
     """
 
     def __init__(self, root: str | Path, keep: int = 2, resume_from: str | None = None):
@@ -114,8 +114,9 @@ class LocalContext(TrainContext):
         return self
 
     def __exit__(self, *exc) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # The group stays for the life of the process: DeepSpeed caches it, so a destroyed and
+        # re-created group breaks the next deepspeed.initialize in the same process.
+        return None
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         self.reports.append(dict(metrics))

@@ -10,6 +10,7 @@ progress line with step and ETA.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import tempfile
@@ -69,24 +70,37 @@ class StepMeter:
         return out
 
 
+METRICS_FILE = "metrics.jsonl"  # one JSON object per report, in the run folder
+
+
 class EventWriter:
-    """TensorBoard scalars for rank 0, written locally and copied to an s3:// run folder on flush."""
+    """Rank 0's run log: TensorBoard scalars + ``metrics.jsonl`` in the run folder.
+
+    For an s3:// run folder both are written to a local folder and copied up on :meth:`flush`
+    (at every checkpoint and at the end); an existing remote ``metrics.jsonl`` is fetched first so
+    a resumed run appends to it.
+    """
 
     def __init__(self, run_uri: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.remote = storage.join(run_uri, "tensorboard") if storage.is_s3(run_uri) else ""
+        self.remote = run_uri if storage.is_s3(run_uri) else ""
         if self.remote:
             self._tmp = tempfile.TemporaryDirectory()
-            local = self._tmp.name
+            self.local = Path(self._tmp.name)
+            old = storage.join(run_uri, METRICS_FILE)
+            if storage.exists(old):
+                (self.local / METRICS_FILE).write_bytes(storage.read_bytes(old))
         else:
-            local = str(Path(storage.filesystem(run_uri)[1]) / "tensorboard")
-        self.local = local
-        self.writer = SummaryWriter(local)
+            self.local = Path(storage.filesystem(run_uri)[1])
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.local / "tensorboard"))
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(f"train/{k}", v, step)
+        with open(self.local / METRICS_FILE, "a") as f:
+            f.write(json.dumps({k: float(v) for k, v in metrics.items()}) + "\n")
 
     def flush(self) -> None:
         self.writer.flush()

@@ -1,0 +1,185 @@
+"""Building and running the Ray Train ``TorchTrainer`` for a pretraining run.
+
+:func:`build_trainer` is the one place that turns a config into a trainer (jobs/pretrain.py and
+each Ray Tune trial use it); :func:`train_func` is what every worker runs; :func:`run_pretrain`
+is the driver side of ``jobs/pretrain.py``: default data, resume-or-complete, fit, zero-shot
+evaluation and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mama_ray import config as config_mod
+from mama_ray import storage
+from mama_ray.config import Config
+from mama_ray.train.checkpoint import latest_checkpoint, read_train_state
+from mama_ray.train.metrics import METRICS_FILE
+
+DataFactory = Callable[[Config, int, int], Any]  # (cfg, rank, world_size) -> BatchSource
+
+
+class PipelineSource:
+    """The Ray Data pipeline as the loop's batch source (each rank streams its own plan)."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+
+    def epoch_batches(self, epoch: int, skip_samples: int):
+        from mama_ray.data.pipeline import iter_train_batches
+
+        return iter_train_batches(self.cfg, epoch, self.rank, self.world_size, skip_samples)
+
+
+def run_uri(cfg: Config) -> str:
+    """``<storage.run_dir>/<run.name>`` with ``~`` expanded (what Ray Train calls the experiment folder)."""
+    base = cfg.storage.run_dir if storage.is_s3(cfg.storage.run_dir) else storage.filesystem(cfg.storage.run_dir)[1]
+    return storage.join(base, cfg.run.name)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The Ray Train worker function.
+
+    Args:
+        config: ``cfg`` (the config as a dict), ``run_uri``, and optionally ``resume_from`` (a
+            checkpoint URI used when the run has none yet), ``data_factory`` (``(cfg, rank,
+            world_size) -> BatchSource``, default the Ray Data pipeline) and ``build_model``.
+    """
+    cfg = config_mod.from_dict(config["cfg"])
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    from mama_ray.train.context import RayTrainContext
+    from mama_ray.train.loop import train_loop
+
+    ctx = RayTrainContext(config.get("resume_from", ""), storage.StorageOptions.from_config(cfg.storage))
+    data = (config.get("data_factory") or PipelineSource)(cfg, ctx.rank, ctx.world_size)
+    train_loop(cfg, ctx, data, run_uri=config["run_uri"], build_model=config.get("build_model"))
+
+
+def _scaling(cfg: Config):
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {}), **s.resources_per_worker}
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None = None,
+                  data_factory: DataFactory | None = None, build_model: Callable | None = None):
+    """The ``TorchTrainer`` of a run: scaling, storage, failure and checkpoint settings from ``cfg``.
+
+    Args:
+        cfg: the run config; ``run.name`` + ``storage.run_dir`` locate (and resume) the run.
+        resume_from: checkpoint URI to start from when the run has no checkpoint of its own.
+        callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback()``).
+        data_factory: batch source per rank (tests); default the Ray Data pipeline.
+        build_model: model builder (tests); default ``mama_ray.models.build_model``.
+    Returns:
+        A ``ray.train.torch.TorchTrainer``; ``.fit()`` runs it.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    fs, path = storage.filesystem(cfg.storage.run_dir, opts)
+    storage.check_bucket(cfg.storage.run_dir, opts)
+    run_config = RunConfig(
+        name=cfg.run.name, storage_path=path, storage_filesystem=fs if storage.is_s3(cfg.storage.run_dir) else None,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        callbacks=callbacks)
+    loop_config = {"cfg": config_mod.to_dict(cfg), "run_uri": run_uri(cfg), "resume_from": resume_from,
+                   "data_factory": data_factory, "build_model": build_model}
+    return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=_scaling(cfg), run_config=run_config)
+
+
+# ------------------------------------------------------------------------------------------
+# Driver side of jobs/pretrain.py
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    checkpoint: str
+    step: int
+    already_complete: bool = False
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    seconds: float = 0.0
+    eval_metrics: dict = field(default_factory=dict)
+    eval_table: str = ""
+
+    def lines(self) -> list[str]:
+        state = "already complete (nothing trained)" if self.already_complete else f"trained in {self.seconds:.0f} s"
+        out = [f"run: {state}, step {self.step}",
+               f"loss: first logged {self.first_loss:.4f} → last {self.last_loss:.4f}"]
+        for task, m in self.eval_metrics.items():
+            if isinstance(m, dict) and "balanced_accuracy" in m:
+                out.append(f"zero-shot {task}: balanced accuracy {m['balanced_accuracy']:.3f}")
+        return [*out, f"run_dir: {self.run_dir}", f"checkpoint: {self.checkpoint}"]
+
+
+def read_metrics(run: str, opts: storage.StorageOptions | None = None) -> list[dict]:
+    """The run's logged metrics (``metrics.jsonl``), one dict per step; a re-logged step keeps its last value."""
+    uri = storage.join(run, METRICS_FILE)
+    if not storage.exists(uri, opts):
+        return []
+    by_step: dict[int, dict] = {}
+    for line in storage.read_bytes(uri, opts).decode().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def with_default_data(cfg: Config) -> Config:
+    """``data.shards`` empty → the default synthetic set (generated and ingested once)."""
+    if cfg.data.shards:
+        return cfg
+    from mama_ray.data.synthetic import ensure_default_shards
+
+    return config_mod.override(cfg, {"data.shards": ensure_default_shards(cfg)})
+
+
+def run_pretrain(cfg: Config, resume_from: str = "") -> Summary:
+    """Train (or find complete) the run ``cfg`` names, evaluate zero-shot if asked, and summarise.
+
+    A run whose latest checkpoint already reached ``train.max_steps`` is not trained again: the
+    summary says so and points at that checkpoint (raise ``train.max_steps`` to continue it).
+    Needs Ray to be initialised.
+    """
+    cfg = with_default_data(cfg)
+    opts = storage.StorageOptions.from_config(cfg.storage)
+    run = run_uri(cfg)
+    latest = latest_checkpoint(run, opts)
+    started = time.perf_counter()
+    done = latest is not None and _step_of(latest, opts) >= cfg.train.max_steps
+    if not done:
+        result = build_trainer(cfg, resume_from=resume_from).fit()
+        if result.error:
+            raise result.error
+        latest = latest_checkpoint(run, opts)
+    if latest is None:
+        raise RuntimeError(f"run {run} finished without a checkpoint")
+    logged = read_metrics(run, opts)
+    summary = Summary(run_dir=run, checkpoint=latest, step=_step_of(latest, opts), already_complete=done,
+                      seconds=time.perf_counter() - started,
+                      first_loss=logged[0]["loss"] if logged else float("nan"),
+                      last_loss=logged[-1]["loss"] if logged else float("nan"))
+    if cfg.train.eval_at_end:
+        from mama_ray.eval import run_zero_shot
+
+        summary.eval_metrics, summary.eval_table = run_zero_shot(cfg, latest)
+    return summary
+
+
+def _step_of(checkpoint_uri: str, opts: storage.StorageOptions) -> int:
+    if storage.is_s3(checkpoint_uri):
+        return int(json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json"), opts))["step"])
+    return read_train_state(checkpoint_uri).step
