@@ -212,6 +212,7 @@ class TuneConfig:
     grace_period: int = 2  # reports before ASHA may stop a trial
     reduction_factor: int = 2  # ASHA halving rate
     max_concurrent: int = 1  # trials running at once
+    driver_cpus: float = 0.25  # CPUs a trial's driver reserves (its TorchTrainer reserves the workers)
 
 
 @dataclass

@@ -1,0 +1,48 @@
+"""Ray Tune sweep: each trial a full distributed pretraining run, ASHA stops the weak ones early.
+
+    python tune/sweep.py                                  # tiny CPU sweep (tiny_tune preset, 3 trials)
+    python tune/sweep.py --config base --space loss_weights --num-samples 16 [--set a.b=v]
+    python tune/sweep.py ... --resume                     # finish an interrupted sweep
+
+Spaces are named in tune/search_spaces.py. The run prints the table of trials and ends with the
+path of the best trial's config (best_config.yaml), which jobs/pretrain.py --config accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_spaces beside this file
+
+from search_spaces import SPACES, get_space  # noqa: E402
+
+from mama_ray.config import add_config_args, load_from_args  # noqa: E402
+from mama_ray.runtime import init_ray, run_main  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_args(ap, default="tiny_tune")
+    ap.add_argument("--space", default=None, choices=sorted(SPACES), help="search space (default: tune.space)")
+    ap.add_argument("--num-samples", type=int, default=None, help="trials (default: tune.num_samples)")
+    ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this config")
+    args = ap.parse_args()
+    args.overrides += [f"tune.space={args.space}"] * (args.space is not None)
+    args.overrides += [f"tune.num_samples={args.num_samples}"] * (args.num_samples is not None)
+    cfg = load_from_args(args)
+    space = get_space(cfg.tune.space)
+    from mama_ray.sweep import local_cpus, run_sweep
+
+    init_ray(num_cpus=local_cpus(cfg))
+    out = run_sweep(cfg, space, resume=args.resume)
+    print(out.table, end="")
+    print(f"best trial: {out.best_trial}; trials.csv, trials.md and best_config.yaml in {out.uri}")
+    print(out.best_config)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
