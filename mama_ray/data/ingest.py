@@ -125,8 +125,9 @@ def _scan_header(row: dict, opts: StorageOptions) -> dict:
     """Ray Data map: header of one file → its tags as JSON, or the reason it is unusable."""
     try:
         return {"source": row["source"], "tags": json.dumps(asdict(read_header(row["source"], opts))), "reason": ""}
-    except (DicomError, StorageError) as e:
-        return {"source": row["source"], "tags": "", "reason": getattr(e, "reason", str(e))}
+    except Exception as e:  # noqa: BLE001 - a bad file must never stop the job
+        reason = e.reason if isinstance(e, DicomError) else f"{type(e).__name__}: {str(e)[:200]}"
+        return {"source": row["source"], "tags": "", "reason": reason}
 
 
 def _folder_image(source: str, root: str, tags: DicomTags) -> dict:
@@ -315,6 +316,8 @@ def run_ingest(dicoms: str, out: str, cfg: Config, tables: str | None = None,
     opts = StorageOptions.from_config(cfg.storage)
     for uri in (dicoms, out, tables or ""):
         check_bucket(uri, opts)
+    if not tables and f"{_listing_root(out)}/".startswith(f"{_listing_root(dicoms)}/"):
+        raise ConfigError(f"--out {out} lies inside --dicoms {dicoms}: its shards would become inputs")
     if overwrite:
         delete(out, opts)
     plan = plan_ingest(dicoms, cfg, tables, opts)

@@ -199,7 +199,7 @@ def _studies(n: int, seed: int) -> list[SyntheticStudy]:
     for i in range(n):
         out.append(SyntheticStudy(
             patient=patients[owner[i]], acc=f"{seed:04d}{6_000_000_000 + 104_729 * i:012d}",
-            density=None if i % 16 == 15 else int(densities[i]),  # a few with no density → dropped
+            density=None if i % 16 == 7 else int(densities[i]),  # a few with no density → dropped
             letter=letters[i], side="LR"[int(rng.integers(2))], age=int(rng.integers(40, 81)),
             race=RACES[int(rng.integers(len(RACES)))], ethnicity=ETHNICITIES[int(rng.integers(3))]))
     return out

@@ -1,6 +1,6 @@
 """The ingest job end to end on a real Ray cluster: counts, shard contents, no PHI, restart, S3.
 
-One synthetic EMBED-like set (16 studies, 65 metadata rows) is ingested once per module; the
+One synthetic EMBED-like set (8 studies, one without density) is ingested once per module; the
 other tests reuse it or compare against it.
 """
 
@@ -26,7 +26,7 @@ from mama_ray.data.shards import decode_image, read_manifest, sha256, shard_file
 from mama_ray.data.synthetic import make_synthetic
 
 REPO = Path(__file__).resolve().parents[2]
-N_STUDIES, SEED = 16, 3
+N_STUDIES, SEED = 8, 3
 SETTINGS = ["ingest.long_side=64", "ingest.studies_per_shard=2", "ingest.row_group_studies=1"]
 
 

@@ -77,3 +77,8 @@ def test_pydicom_files_are_ingested_or_quarantined_with_reasons(ray_session, fol
         assert quarantine[name].startswith(reason), (name, quarantine[name])
     assert all(i["birads"] is None and i["density"] is None for r in rows for i in r["images"])
     assert read_manifest(str(out))["settings"]["mode"] == "folder"
+
+
+def test_output_inside_the_input_folder_is_refused(folder):
+    with pytest.raises(ValueError, match="lies inside --dicoms"):
+        run_ingest(str(folder), str(folder / "shards"), load("tiny_cpu"))
