@@ -1,1 +1,9 @@
-"""Evaluation of a pretrained MaMA checkpoint (method §5): zero-shot, probes, retrieval, pictures."""
+"""Evaluation of a pretrained MaMA checkpoint (method §5): zero-shot, probes, retrieval, pictures.
+
+Public API: :func:`run_zero_shot` (called by the pretraining job at its end) and
+:func:`evaluate` (``jobs/evaluate.py``); the metric functions live in :mod:`mama_ray.eval.metrics`.
+"""
+
+from mama_ray.eval.runner import ALL_TASKS, DEFAULT_TASKS, evaluate, format_table, run_zero_shot
+
+__all__ = ["ALL_TASKS", "DEFAULT_TASKS", "evaluate", "format_table", "run_zero_shot"]

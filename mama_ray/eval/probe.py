@@ -16,6 +16,7 @@ a linear warm-up from ``eval.probe_min_lr`` over ``eval.probe_warmup_steps`` the
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -101,3 +102,108 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
 def predict_scores(head: nn.Module, features: np.ndarray) -> np.ndarray:
     """N×classes logits of a trained head on N×C features."""
     return head(torch.as_tensor(np.asarray(features, dtype=np.float32))).numpy()
+
+
+def _train_rows(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows of the labelled training images kept for a data fraction."""
+    known = np.flatnonzero(np.asarray(labels) >= 0)
+    if len(known) == 0:
+        raise ValueError("probe: no training image has a label for this task")
+    return known[fraction_subset(len(known), fraction, seed)]
+
+
+def linear_probe_metrics(cfg, train: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                         test_ids: dict[str, np.ndarray]) -> dict:
+    """Linear probes on frozen ``pooled_image`` features, per task and data fraction.
+
+    Args:
+        train, test: :func:`mama_ray.eval.inference.embed_split` outputs.
+        test_ids: task → test image ids evaluated (balanced subset or all labelled).
+    Returns:
+        ``{task: {"<fraction>": classification metrics + "train_images"}}``.
+    """
+    from mama_ray.eval.metrics import classification_metrics
+    from mama_ray.eval.zero_shot import NUM_CLASSES, TASKS
+
+    out: dict = {}
+    for task in TASKS:
+        test_rows = np.isin(test["image_id"], test_ids[task])
+        out[task] = {}
+        for fraction in cfg.eval.data_fractions:
+            rows = _train_rows(train[task], fraction, cfg.run.seed)
+            head = fit_linear_probe(train["pooled_image"][rows], train[task][rows], NUM_CLASSES[task],
+                                    cfg.eval, cfg.run.seed)
+            scores = predict_scores(head, test["pooled_image"][test_rows])
+            m = classification_metrics(test[task][test_rows], scores)
+            out[task][f"{fraction:g}"] = {**m, "train_images": int(len(rows))}
+    return out
+
+
+class FineTuner(nn.Module):
+    """A copy of the checkpoint's vision tower, fully trainable, with a new linear head."""
+
+    def __init__(self, vision: nn.Module, num_classes: int):
+        super().__init__()
+        self.vision = vision.requires_grad_(True)
+        self.head = nn.Linear(vision.hidden_size, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # B×{1,3}×S×S uint8 → B×classes
+        from mama_ray.models.mama import normalize_image
+
+        image = image.expand(-1, 3, -1, -1)  # gray → the model's 3 equal channels
+        pooled, _ = self.vision(normalize_image(image, self.head.weight.dtype))  # B×C
+        return self.head(pooled)
+
+
+def _augment(images: np.ndarray, idx: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """SimCLR train augmentation (§1.6) of the gray channel of the chosen eval images."""
+    from mama_ray.data.transforms import to_rgb_chw, train_transform
+
+    return torch.from_numpy(np.stack([to_rgb_chw(train_transform(images[i, 0], size, rng)) for i in idx]))
+
+
+def _finetune(net: FineTuner, images: np.ndarray, labels: np.ndarray, cfg, dev: torch.device) -> None:
+    """Train ``net`` in place on augmented ``images`` (N×1×S×S uint8)."""
+    rng, size = np.random.default_rng(cfg.run.seed), images.shape[-1]
+    net.train()
+    train_classifier(lambda idx: net(_augment(images, idx, size, rng).to(dev)),
+                     [p for p in net.parameters() if p.requires_grad], labels, cfg.eval, cfg.run.seed)
+
+
+@torch.no_grad()
+def _predict(net: FineTuner, images: np.ndarray, batch_size: int, dev: torch.device) -> np.ndarray:
+    net.eval()
+    parts = [net(torch.from_numpy(images[s:s + batch_size]).to(dev)).float().cpu().numpy()
+             for s in range(0, len(images), batch_size)]
+    return np.concatenate(parts)
+
+
+def finetune_metrics(cfg, checkpoint_uri: str, train: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                     test_ids: dict[str, np.ndarray]) -> dict:
+    """Full fine-tuning (encoder + new head) per task and data fraction, in this process.
+
+    Args:
+        train, test: numpy columns ``image_id``, ``image`` (N×1×S×S uint8), ``density``, ``birads``.
+    Returns:
+        ``{task: {"<fraction>": classification metrics + "train_images"}}``.
+    """
+    from mama_ray.eval.inference import device
+    from mama_ray.eval.metrics import classification_metrics
+    from mama_ray.eval.zero_shot import NUM_CLASSES, TASKS
+    from mama_ray.train.checkpoint import load_model_from_checkpoint
+
+    model, _, _, _ = load_model_from_checkpoint(checkpoint_uri)
+    dev = device()
+    out: dict = {}
+    for task in TASKS:
+        test_rows = np.isin(test["image_id"], test_ids[task])
+        out[task] = {}
+        for fraction in cfg.eval.data_fractions:
+            rows = _train_rows(train[task], fraction, cfg.run.seed)
+            torch.manual_seed(cfg.run.seed)  # the head's init
+            net = FineTuner(copy.deepcopy(model.vision), NUM_CLASSES[task]).to(dev)
+            _finetune(net, train["image"][rows], train[task][rows], cfg, dev)
+            scores = _predict(net, test["image"][test_rows], cfg.eval.batch_size, dev)
+            m = classification_metrics(test[task][test_rows], scores)
+            out[task][f"{fraction:g}"] = {**m, "train_images": int(len(rows))}
+    return out

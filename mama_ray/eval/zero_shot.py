@@ -7,9 +7,8 @@ is the hidden state at the first padding position (``eval.text_feature: first_pa
 original zero-shot code) or the training mean pool (``mean``); score = τ·cos(image, prompt) with
 τ = exp(logit_scale); prediction = argmax. Metrics use softmax(score) once (§5.2).
 
-Inference is distributed with Ray Data: the evaluation split is scored by ``map_batches`` with a
-callable class, so an actor pool (``eval.concurrency`` actors, one GPU each when
-``scaling.use_gpu``) loads the checkpoint once per actor and streams the test shards through it.
+Inference is distributed with Ray Data: :mod:`mama_ray.eval.inference` streams the split through
+an actor pool that calls :func:`score_batch`.
 
 Class-balanced test set (``eval.balanced_test``, the paper's ``--balanced_test``; its subset files
 were not released): per task, among the images with a known label, every class present keeps
@@ -51,46 +50,33 @@ def encode_texts(model, tokenizer, texts: list[str], max_len: int, pooling: str)
     """Global text embeddings (N×E, L2-normalised) of model texts."""
     from mama_ray.models.tokenizer import encode_texts as tokenize
 
-    enc = {k: torch.as_tensor(v) for k, v in tokenize(tokenizer, texts, max_len).items()}
+    dev = model.logit_scale.device
+    enc = {k: torch.as_tensor(v, device=dev) for k, v in tokenize(tokenizer, texts, max_len).items()}
     out = model.encode_text(enc["input_ids"], enc["attention_mask"], pooling=pooling, local=False)
     return out["text_emb"].float()
 
 
 @torch.no_grad()
-def score_batch(model, tokenizer, batch: dict[str, np.ndarray], max_len: int, pooling: str) -> dict:
+def score_batch(model, tokenizer, batch: dict[str, np.ndarray], image_emb: torch.Tensor, max_len: int,
+                pooling: str) -> dict:
     """τ·cos scores of every image in ``batch`` against its own class prompts.
 
+    Args:
+        image_emb: B×E global image embeddings of the batch's images.
     Returns:
         ``{"density_scores": B×4, "birads_scores": B×7}`` float32 numpy arrays.
     """
-    image_emb = model.encode_image(torch.as_tensor(batch["image"]), local=False)["image_emb"].float()  # B×E
-    tau = model.logit_scale.detach().float().exp()
+    image_emb = image_emb.float()
+    tau = model.logit_scale.detach().float().exp()  # [1]
     fields = [row_fields(batch, i) for i in range(len(image_emb))]
     out = {}
     for task in TASKS:
         texts = [t for f in fields for t in prompts(f, task)]
         text_emb = encode_texts(model, tokenizer, texts, max_len, pooling)  # (B·K)×E
         text_emb = text_emb.view(len(fields), NUM_CLASSES[task], -1)  # B×K×E
-        out[f"{task}_scores"] = (tau * torch.einsum("be,bke->bk", image_emb, text_emb)).numpy()
+        scores = tau * torch.einsum("be,bke->bk", image_emb, text_emb.to(image_emb.device))  # B×K
+        out[f"{task}_scores"] = scores.cpu().numpy()
     return out
-
-
-class ZeroShotScorer:
-    """Ray Data ``map_batches`` callable: loads a checkpoint once per actor, scores batches."""
-
-    def __init__(self, cfg: Config, checkpoint_uri: str):
-        from mama_ray.train.checkpoint import load_model_from_checkpoint
-
-        torch.set_grad_enabled(False)
-        self.model, self.tokenizer, model_cfg, _ = load_model_from_checkpoint(checkpoint_uri)
-        self.model.eval()
-        self.max_len = model_cfg.text.max_len
-        self.pooling = cfg.eval.text_feature
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        scores = score_batch(self.model, self.tokenizer, batch, self.max_len, self.pooling)
-        return {"image_id": batch["image_id"], "density": batch["density"],
-                "birads": batch["birads"], **scores}
 
 
 def balanced_subset(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -105,23 +91,6 @@ def balanced_subset(labels: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
-def map_options(cfg: Config) -> dict:
-    """``map_batches`` arguments of the inference actor pool."""
-    gpu = 1 if cfg.scaling.use_gpu else 0
-    return {"batch_size": cfg.eval.batch_size, "concurrency": cfg.eval.concurrency,
-            "num_gpus": gpu, "num_cpus": 0 if gpu else 1}
-
-
-def collect(ds) -> dict[str, np.ndarray]:
-    """All rows of a (small, image-free) dataset as numpy columns, sorted by ``image_id``."""
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
-    if not parts:
-        raise ValueError("the evaluation split is empty: no image to evaluate")
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(cols["image_id"], kind="stable")
-    return {k: v[order] for k, v in cols.items()}
-
-
 def task_rows(cfg: Config, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Image ids evaluated per task: labelled rows, class-balanced if ``eval.balanced_test``."""
     out = {}
@@ -130,29 +99,6 @@ def task_rows(cfg: Config, labels: dict[str, np.ndarray]) -> dict[str, np.ndarra
         rows = balanced_subset(y, cfg.run.seed) if cfg.eval.balanced_test else np.flatnonzero(y >= 0)
         out[task] = labels["image_id"][rows]
     return out
-
-
-def score_split(cfg: Config, checkpoint_uri: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Score the evaluation split over Ray.
-
-    With ``eval.balanced_test`` a first pass reads the labels and picks the balanced subsets, so
-    only their images are scored.
-
-    Returns:
-        (predictions: numpy columns ``image_id``, ``density``, ``birads``, ``density_scores``,
-        ``birads_scores`` sorted by image id; task → image ids the task is evaluated on).
-    """
-    from mama_ray.data.pipeline import build_eval_dataset
-
-    ds = build_eval_dataset(cfg, cfg.eval.split)
-    if cfg.eval.balanced_test:
-        ids = task_rows(cfg, collect(ds.select_columns(["image_id", "density", "birads"])))
-        keep = set(np.concatenate(list(ids.values())).tolist())
-        ds = ds.filter(lambda row: row["image_id"] in keep)
-    scored = ds.map_batches(ZeroShotScorer, fn_constructor_kwargs={"cfg": cfg, "checkpoint_uri": checkpoint_uri},
-                            **map_options(cfg))
-    preds = collect(scored)
-    return preds, (ids if cfg.eval.balanced_test else task_rows(cfg, preds))
 
 
 def task_metrics(preds: dict[str, np.ndarray], ids: dict[str, np.ndarray]) -> dict:
@@ -166,13 +112,3 @@ def task_metrics(preds: dict[str, np.ndarray], ids: dict[str, np.ndarray]) -> di
             raise ValueError(f"zero-shot {task}: no test image has a {task} label")
         out[task] = classification_metrics(preds[task][rows], preds[f"{task}_scores"][rows])
     return out
-
-
-def format_table(metrics: dict) -> str:
-    """The zero-shot summary table printed at the end of a run."""
-    lines = [f"{'zero-shot':<10}{'n':>7}{'acc':>8}{'bal.acc':>9}{'AUC':>8}{'chance':>8}"]
-    for task in TASKS:
-        m = metrics[task]
-        lines.append(f"{task:<10}{m['n']:>7}{m['accuracy']:>8.3f}{m['balanced_accuracy']:>9.3f}"
-                     f"{m['auc']:>8.3f}{1 / NUM_CLASSES[task]:>8.3f}")
-    return "\n".join(lines)
