@@ -75,6 +75,7 @@ class DataConfig:
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves
     prefetch_batches: int = 2  # batches prefetched by iter_torch_batches on each worker
+    block_mb: int = 32  # Ray Data target block size in MB (bounds each read/map object in the store)
 
 
 @dataclass
@@ -472,7 +473,7 @@ def validate(cfg: Config) -> None:
     """Checks that span fields or ranges; types and choices are checked while building."""
     _positive(cfg, "train.max_steps", "train.micro_batch_size", "train.grad_accum",
               "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-              "scaling.num_workers", "text.max_len", "data.image_size", "ingest.long_side",
+              "scaling.num_workers", "text.max_len", "data.image_size", "ingest.long_side", "data.block_mb",
               "model.lora.r", "optim.lr", "data.map_batch_size", "ingest.shard_mb")
     _probability(cfg, "data.second_view_prob", "text.mask_meta", "model.lora.dropout")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):

@@ -343,16 +343,27 @@ def eval_caption_fields(row: dict[str, Any]) -> captions.CaptionFields:
 
 
 def _read(cfg: Config, paths: list[str] | tuple[str, ...], split: str, studies_per_block: int):
-    """``read_parquet`` over shard paths (in the given order), the split filter pushed down.
+    """``read_parquet`` over shard paths, in the given order, filtered to ``split``.
 
-    A read task emits one large block per file; a map task handles a whole block, so the blocks
-    are cut (streaming, in order) to ``studies_per_block`` rows to spread decoding over tasks.
+    Ray Data's default Parquet reader (DataSourceV2 in Ray 2.60) buckets files by size and does
+    not keep their order, which would make the consumer's reorder buffer grow with the data set;
+    the V1 reader keeps the order and, with one block request per file, reads file by file.
+    Blocks are then cut (streaming) to ``studies_per_block`` rows, because a map task handles a
+    whole block: small blocks spread decoding over tasks.
     """
     import ray.data
     from ray.data.expressions import col, lit
 
     fs, _ = storage.filesystem(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
-    ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=READ_COLUMNS)
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=READ_COLUMNS,
+                                   override_num_blocks=len(paths))
+    finally:
+        ctx.use_datasource_v2 = v2
+    # Bounds every object in the store: read tasks cut their output at this size.
+    ds.context.target_max_block_size = cfg.data.block_mb * 1024**2
     ds = ds.filter(expr=col("split") == lit(split))
     return ds.repartition(target_num_rows_per_block=studies_per_block)
 

@@ -59,9 +59,17 @@ def truth(shard_set):
 
 
 @pytest.fixture(scope="module")
-def epoch0(ray_session, shard_set):
+def epoch_run(ray_session, shard_set):
+    """One epoch of rank 0 of 1: ``(cfg, iterator, micro-batches)``."""
     cfg = make_cfg(str(shard_set[0]))
-    return cfg, run_epoch(cfg)
+    it = pipeline.iter_train_batches(cfg, 0, drop_last=False)
+    return cfg, it, list(it)
+
+
+@pytest.fixture(scope="module")
+def epoch0(epoch_run):
+    cfg, _, batches = epoch_run
+    return cfg, rows_of(batches)
 
 
 def test_epoch_has_one_sample_per_usable_training_image(epoch0, truth):
@@ -109,11 +117,9 @@ def test_tokens_match_the_caption(epoch0):
         assert r["sep_mask"].sum() == n_sep
 
 
-def test_batches_follow_the_sample_contract(ray_session, shard_set, truth):
-    cfg = make_cfg(str(shard_set[0]))
-    it = pipeline.iter_train_batches(cfg, 0)
-    batches = list(it)
-    assert len(batches) == it.num_batches == len(truth["train"]) // MBS
+def test_batches_follow_the_sample_contract(epoch_run, truth):
+    _, it, batches = epoch_run
+    assert len(batches) == it.num_batches == -(-len(truth["train"]) // MBS)  # last one partial
     assert it.wait_seconds > 0 and it.last_wait >= 0
     b = batches[0]
     assert set(b) >= {"image1", "image2", "input_ids", "attention_mask", "sep_mask", "density",
@@ -131,22 +137,31 @@ def test_batches_follow_the_sample_contract(ray_session, shard_set, truth):
         assert int(b["birads"][i]) == "ANBPSMK".index(img["birads"])
 
 
+def test_drop_last_keeps_whole_micro_batches_only(epoch_run, truth):
+    cfg, _, _ = epoch_run
+    plan = pipeline.rank_plan(cfg, 0, 0, 1)
+    it = pipeline.TrainBatches(None, plan, MBS, 1, drop_last=True)
+    assert it.num_batches == len(truth["train"]) // MBS
+    assert pipeline.samples_per_rank(cfg, 3) == len(truth["train"]) // 3
+
+
 def test_same_seed_same_batches_and_epochs_differ(epoch0):
     cfg, rows = epoch0
     assert same_samples(run_epoch(cfg), rows)
-    other = run_epoch(cfg, epoch=1)
-    assert sorted(r["image_id"] for r in other) == sorted(r["image_id"] for r in rows)
-    assert [r["image_id"] for r in other] != [r["image_id"] for r in rows]
+    # another epoch: the same images in another order, with other views
+    plans = [pipeline.rank_plan(cfg, e, 0, 1) for e in (0, 1)]
+    order = [sorted(p.studies, key=lambda sid, p=p: p.studies[sid][0][1]) for p in plans]
+    assert sorted(order[0]) == sorted(order[1]) and order[0] != order[1]
 
 
 def test_restart_mid_epoch_yields_exactly_the_rest(epoch0):
-    cfg, full_w1 = epoch0
-    full = run_epoch(cfg, rank=1, world=2)
-    assert len(full) == len(full_w1) // 2
+    cfg, full = epoch0
+    # Rank 1 of 2 owns epoch positions 1, 3, 5…; a sample depends on (seed, epoch, position)
+    # only, so its full epoch is every second sample of the single-rank run.
+    rank1 = full[1 : 2 * (len(full) // 2) : 2]
     resumed = run_epoch(cfg, rank=1, world=2, skip=5)
-    assert same_samples(resumed, full[5:])
-    # A sample depends on (seed, epoch, epoch position) only: rank 1 of 2 holds positions 1, 3, 5…
-    assert same_samples(full, full_w1[1 : 2 * len(full) : 2])
+    assert len(resumed) == len(rank1) - 5
+    assert same_samples(resumed, rank1[5:])
 
 
 def test_reading_from_s3_gives_the_same_samples(epoch0, s3_bucket, shard_set):
@@ -157,12 +172,14 @@ def test_reading_from_s3_gives_the_same_samples(epoch0, s3_bucket, shard_set):
     assert same_samples(s3_rows, rows)
 
 
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, truth, split):
+def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, truth):
     cfg = make_cfg(str(shard_set[0]))
-    rows = pipeline.build_eval_dataset(cfg, split).take_all()
-    want = sorted(i for sid, s in truth["studies"].items() if s["split"] == split for i in truth["usable"][sid])
-    assert sorted(r["image_id"] for r in rows) == want
+    rows = pipeline.build_eval_dataset(cfg, "val").union(pipeline.build_eval_dataset(cfg, "test")).take_all()
+    for split in ("val", "test"):
+        want = sorted(i for sid, s in truth["studies"].items() if s["split"] == split for i in truth["usable"][sid])
+        assert sorted(r["image_id"] for r in rows if truth["studies"][r["study_id"]]["split"] == split) == want
+    assert len(rows) == sum(1 for s in truth["studies"].values() if s["split"] != "train"
+                            for _ in truth["usable"][s["study_id"]])
     for r in rows:
         study = truth["studies"][r["study_id"]]
         img = next(x for x in study["images"] if x["image_id"] == r["image_id"])

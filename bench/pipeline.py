@@ -1,0 +1,168 @@
+"""Training-pipeline throughput: the Ray Data pipeline vs. a torch DataLoader, on the same shards.
+
+    python bench/pipeline.py [--studies 48] [--image-size 518] [--cpus N] [--long-side 1024]
+
+Writes ``--studies`` synthetic studies (4 mammogram-like images each, long side ``--long-side``,
+PNG) as shards, then, for one training epoch at ``--image-size``:
+
+* **ray**: ``iter_train_batches`` (rank 0 of 1) on a local Ray cluster of ``--cpus`` CPUs, after a
+  short untimed warm-up (the last micro-batch of the epoch) that starts the worker processes;
+* **dataloader**: ``torch.utils.data.DataLoader(num_workers=--cpus)`` over an IterableDataset that
+  reads the same shards with pyarrow (files dealt to workers) and runs the pipeline's own map
+  function on them — the same decode, pairing, augmentation, caption and tokenisation code.
+
+Peak memory is the peak summed PSS of this process and all its descendants (Ray's raylet, GCS,
+object store and workers; the DataLoader's workers), sampled every 0.25 s. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from mama_ray.config import Config, load  # noqa: E402
+from mama_ray.data import pipeline  # noqa: E402
+from mama_ray.data.schema import SHARD_SCHEMA  # noqa: E402
+from mama_ray.data.shards import encode_image  # noqa: E402
+from mama_ray.data.synthetic import synth_image  # noqa: E402
+
+STUDIES_PER_FILE = 16
+
+
+def write_shards(root: Path, n_studies: int, long_side: int) -> None:
+    """Synthetic studies (L/R × CC/MLO) resized to ``long_side`` and PNG-encoded, as shards."""
+    rows = []
+    for i in range(n_studies):
+        rng = np.random.default_rng(i)
+        images = []
+        for k, (side, view) in enumerate((("L", "CC"), ("R", "CC"), ("L", "MLO"), ("R", "MLO"))):
+            img = synth_image(rng, side, view, 1 + i % 4, "N")
+            h, w = img.shape
+            img = cv2.resize((img * 255).astype(np.uint8), (round(w * long_side / h), long_side),
+                             interpolation=cv2.INTER_AREA)
+            images.append({"image_id": f"{i}_{k}", "laterality": side, "view": view,
+                           "image": encode_image(img), "codec": "png", "height": img.shape[0],
+                           "width": img.shape[1], "density": 1 + i % 4, "birads": "N"})
+        rows.append({"study_id": f"s{i}", "patient_id": f"p{i}", "split": "train",
+                     "procedure": "MG Screening Bilateral", "reason": "screening", "age": 55,
+                     "race": "White", "ethnicity": None, "images": images})
+    root.mkdir(parents=True, exist_ok=True)
+    for f, start in enumerate(range(0, n_studies, STUDIES_PER_FILE)):
+        table = pa.Table.from_pylist(rows[start : start + STUDIES_PER_FILE], schema=SHARD_SCHEMA)
+        pq.write_table(table, root / f"shard-{f:04d}.parquet", compression="zstd", row_group_size=4)
+
+
+class PeakPss(threading.Thread):
+    """Peak summed PSS of this process tree while running."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, threading.Event()
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stop.wait(0.25):
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
+                    total += p.memory_full_info().pss
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> PeakPss:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join()
+
+
+def run_ray(cfg: Config, cpus: int) -> tuple[int, float, float, float]:
+    """(samples, seconds, peak bytes, data-wait seconds) of one epoch through the Ray pipeline."""
+    import ray
+
+    with PeakPss() as mem:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        per_rank = pipeline.samples_per_rank(cfg, 1)
+        list(pipeline.iter_train_batches(cfg, 0, skip_samples=per_rank - cfg.train.micro_batch_size))
+        start = time.perf_counter()
+        it = pipeline.iter_train_batches(cfg, 0)
+        samples = sum(len(b["image_id"]) for b in it)
+        seconds = time.perf_counter() - start
+        ray.shutdown()
+    return samples, seconds, mem.peak, it.wait_seconds
+
+
+class ShardSamples:
+    """IterableDataset: each DataLoader worker maps its share of the shard files."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.plan = pipeline.rank_plan(cfg, 0, 0, 1)
+        self.fs, self.files = pipeline.shard_paths(cfg.data.shards, pipeline.storage.StorageOptions())
+
+    def __iter__(self):
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        for path in self.files[wid::nw]:
+            with self.fs.open_input_file(path) as f:
+                for rb in pq.ParquetFile(f).iter_batches(batch_size=4, columns=pipeline.READ_COLUMNS):
+                    yield pipeline.train_batch(pa.Table.from_batches([rb]), self.cfg, self.plan)
+
+
+def run_dataloader(cfg: Config, cpus: int) -> tuple[int, float, float]:
+    """(samples, seconds, peak bytes) of one epoch through a DataLoader with ``cpus`` workers."""
+    import torch.utils.data
+
+    with PeakPss() as mem:
+        loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
+                                             prefetch_factor=2, persistent_workers=False)
+        start = time.perf_counter()
+        samples = sum(len(b["image_id"]) for b in loader)
+        seconds = time.perf_counter() - start
+    return samples, seconds, mem.peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=48)
+    ap.add_argument("--image-size", type=int, default=518)
+    ap.add_argument("--long-side", type=int, default=1024)
+    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    os.environ.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(Path(tmp) / "shards", args.studies, args.long_side)
+        cfg = load("tiny_cpu", {"data.shards": str(Path(tmp) / "shards"), "data.image_size": args.image_size,
+                                "train.micro_batch_size": 8, "data.map_batch_size": 16})
+        r_n, r_s, r_mem, r_wait = run_ray(cfg, args.cpus)
+        d_n, d_s, d_mem = run_dataloader(cfg, args.cpus)
+    print(f"{args.studies} studies × 4 images, stored long side {args.long_side}, out {args.image_size}², "
+          f"{args.cpus} CPUs; one epoch ({r_n} pairs)")
+    print("| pipeline | pairs | s | pairs/s | peak PSS MB | note |\n|---|---|---|---|---|---|")
+    print(f"| Ray Data (iter_train_batches) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_mem / 2**20:.0f} | "
+          f"data wait {r_wait:.1f} s |")
+    print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_mem / 2**20:.0f} | |")
+    print(f"| ratio Ray / DataLoader | | | {(r_n / r_s) / (d_n / d_s):.2f} | {r_mem / d_mem:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Run one training epoch on its own small Ray cluster and print memory numbers as JSON.
+
+Used by ``test_pipeline_memory.py`` in a subprocess (it needs its own object-store limit):
+``python pipeline_memory_probe.py <work dir> <object store MB> <studies>``. Writes shards whose
+encoded images (incompressible noise) add up to many times the object store, streams an epoch
+through :func:`iter_train_batches`, and samples the object store and this process's RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mama_ray import config
+from mama_ray.data import pipeline
+from mama_ray.data.schema import SHARD_SCHEMA
+from mama_ray.data.shards import encode_image
+
+IMAGES_PER_STUDY, SIDE, STUDIES_PER_FILE = 4, 384, 25
+
+
+def write_shards(root: Path, n_studies: int) -> int:
+    """Shards of noise images (one encoded image reused: only the bytes matter here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = encode_image(np.random.default_rng(0).integers(0, 256, (SIDE, SIDE)).astype(np.uint8))
+    image = {"laterality": "L", "view": "CC", "image": data, "codec": "png", "height": SIDE,
+             "width": SIDE, "density": 2, "birads": "N"}
+    for f, start in enumerate(range(0, n_studies, STUDIES_PER_FILE)):
+        rows = [{"study_id": f"s{i}", "patient_id": f"p{i}", "split": "train", "procedure": "MG Screening",
+                 "reason": "screening", "age": 50, "race": "White", "ethnicity": None,
+                 "images": [{**image, "image_id": f"s{i}_{k}"} for k in range(IMAGES_PER_STUDY)]}
+                for i in range(start, min(n_studies, start + STUDIES_PER_FILE))]
+        pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), root / f"shard-{f:04d}.parquet",
+                       row_group_size=8, use_dictionary=False, compression="none")  # no dedup of the bytes
+    return sum(p.stat().st_size for p in root.glob("*.parquet"))
+
+
+class Sampler(threading.Thread):
+    """Polls the object store and this process's RSS every 50 ms; keeps the peaks."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import ray
+        from ray._private.internal_api import get_state_from_address
+
+        self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        self.peak_store = self.peak_rss = self.spilled = self.created = 0
+        self.stop = threading.Event()
+
+    def sample(self) -> None:
+        from ray._private.internal_api import get_memory_info_reply
+
+        stats = get_memory_info_reply(self.state).store_stats
+        self.peak_store = max(self.peak_store, stats.object_store_bytes_used)
+        self.spilled, self.created = stats.spilled_bytes_total, stats.cumulative_created_bytes
+        self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.sample()
+
+
+def main(work: Path, store_mb: int, n_studies: int) -> None:
+    import ray
+    import torch  # noqa: F401 - imported before the RSS baseline: the collate needs it anyway
+
+    data_bytes = write_shards(work / "shards", n_studies)
+    ray.init(address="local", num_cpus=2, object_store_memory=store_mb * 1024**2, include_dashboard=False,
+             log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray-mem-", dir="/tmp"))  # short: socket paths
+    cfg = config.load("tiny_cpu", {"data.shards": str(work / "shards"), "data.image_size": 32,
+                                   "train.micro_batch_size": 16, "data.map_batch_size": 32, "data.block_mb": 8})
+    sampler = Sampler()
+    sampler.sample()
+    rss_before = sampler.peak_rss
+    sampler.start()
+    # Rank 0 of 2 reads every shard (all bytes pass through the store) but decodes only half.
+    samples = sum(len(b["image_id"]) for b in pipeline.iter_train_batches(cfg, 0, rank=0, world_size=2, drop_last=False))
+    sampler.stop.set()
+    sampler.join()
+    sampler.sample()
+    ray.shutdown()
+    print(json.dumps({"data_bytes": data_bytes, "store_limit": store_mb * 1024**2, "samples": samples,
+                      "peak_store": sampler.peak_store, "spilled": sampler.spilled,
+                      "created": sampler.created, "rss_before": rss_before, "peak_rss": sampler.peak_rss}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
