@@ -74,7 +74,7 @@ class DataConfig:
     map_batch_size: int = 16  # samples per Ray Data map_batches call
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves
-    prefetch_batches: int = 2  # batches prefetched by iter_torch_batches on each worker
+    prefetch_batches: int = 2  # Ray Data blocks prefetched by each training rank's iterator
     block_mb: int = 32  # Ray Data target block size in MB (bounds each read/map object in the store)
 
 
