@@ -33,6 +33,12 @@ def short_run(shards: str, run_dir: str) -> dict:
 
 
 @pytest.fixture(scope="session")
+def short_overrides():
+    """:func:`short_run` (conftest modules are not importable under --import-mode=importlib)."""
+    return short_run
+
+
+@pytest.fixture(scope="session")
 def spaces():
     """The ``tune/search_spaces.py`` module."""
     return load_by_path("mama_search_spaces", REPO / "tune" / "search_spaces.py")
