@@ -101,25 +101,23 @@ def _letter_number(value) -> int | None:
     return BIRADS_LETTERS.index(s) if len(s) == 1 and s in BIRADS_LETTERS else None
 
 
-def choose_clinical_row(rows: pd.DataFrame, side: str | None) -> int | None:
-    """Index (label) of the clinical row describing an image of laterality ``side`` (§1.2).
+def choose_clinical_row(rows: list[dict], side: str | None) -> int | None:
+    """Position in ``rows`` (clinical rows of one study) of the row describing an image of
+    laterality ``side`` (§1.2).
 
     Same side, else side ``B``, else all rows; a mix of A/N/B only → the A row; otherwise the
     highest BI-RADS number (first on ties); no valid letter → the first row. None if no rows.
     """
-    if rows.empty:
+    if not rows:
         return None
-    cand = rows[rows["side"] == side]
-    if cand.empty:
-        cand = rows[rows["side"] == "B"]
-    if cand.empty:
-        cand = rows
-    nums = [_letter_number(a) for a in cand["asses"]]
+    cand = [i for i, r in enumerate(rows) if r.get("side") == side]
+    cand = cand or [i for i, r in enumerate(rows) if r.get("side") == "B"] or list(range(len(rows)))
+    nums = [_letter_number(rows[i].get("asses")) for i in cand]
     valid = [n for n in nums if n is not None]
     if not valid:
-        return cand.index[0]
+        return cand[0]
     target = 0 if (max(valid) <= 2 and min(valid) == 0) else max(valid)
-    return cand.index[nums.index(target)]
+    return cand[nums.index(target)]
 
 
 def _clean(value) -> str | None:
@@ -144,17 +142,16 @@ def _legend_map(legend: pd.DataFrame | None) -> dict[tuple[str, str], str]:
             for h, c, m in zip(legend[LEGEND_HEADER], legend[LEGEND_CODE], legend[LEGEND_MEANING], strict=True)}
 
 
-def _decode(codes: dict, header: str, row: pd.Series | None) -> str | None:
-    if row is None or header not in row.index:
-        return None
-    code = _clean(row[header])
+def _decode(codes: dict, header: str, row: dict) -> str | None:
+    code = _clean(row.get(header))
     return codes.get((header, code)) if code else None
 
 
-def caption_fields(meta: pd.Series, clin: pd.Series | None, codes: dict) -> CaptionFields:
+def caption_fields(meta: dict, clin: dict | None, codes: dict) -> CaptionFields:
     """Caption fields of one image from its metadata row and chosen clinical row (§1.3)."""
     procedure = _clean(meta["StudyDescription"])
-    get = (lambda k: clin[k] if k in clin.index else None) if clin is not None else (lambda k: None)
+    clin = clin or {}
+    get = clin.get
     return CaptionFields(
         procedure=procedure,
         reason=reason_from_procedure(procedure),
@@ -194,31 +191,59 @@ def _image_id(path: str) -> str:
     return path.rsplit("/", 1)[-1].removesuffix(".dcm")
 
 
+def _by_study(clinical: pd.DataFrame) -> dict[str, list[dict]]:
+    """Clinical rows as plain dicts grouped by ``acc_anon``, in table order."""
+    out: dict[str, list[dict]] = {}
+    for row in clinical.to_dict("records"):
+        out.setdefault(str(row["acc_anon"]), []).append(row)
+    return out
+
+
+class _ClinicalIndex:
+    """Clinical rows by study, with the §1.2 choice cached per (study, side)."""
+
+    def __init__(self, clinical: pd.DataFrame):
+        self.by_acc = _by_study(clinical)
+        self.cache: dict[tuple[str, str | None], dict | None] = {}
+
+    def row(self, acc: str, side: str | None) -> dict | None:
+        if (acc, side) not in self.cache:
+            rows = self.by_acc.get(acc, [])
+            chosen = choose_clinical_row(rows, side)
+            self.cache[(acc, side)] = rows[chosen] if chosen is not None else None
+        return self.cache[(acc, side)]
+
+
+def _image_record(meta: dict, dicoms: str, clinical: _ClinicalIndex, codes: dict):
+    """One metadata row → ``(ImageRecord, None)`` or ``(None, quarantine entry)``."""
+    source = resolve_source(dicoms, meta["anon_dicom_path"])
+    image_id, acc = _image_id(str(meta["anon_dicom_path"])), str(meta["acc_anon"])
+    reject = dict(source=source, image_id=image_id, study_id=acc)
+    if str(meta["FinalImageType"]).strip() != "2D":
+        return None, dict(reject, reason=f"FinalImageType {meta['FinalImageType']!r} is not 2D")
+    clin = clinical.row(acc, _clean(meta["ImageLateralityFinal"]))
+    fields = caption_fields(meta, clin, codes)
+    if clin is None:
+        return None, dict(reject, reason="no clinical row for the study")
+    if not is_complete(fields):
+        return None, dict(reject, reason=f"caption incomplete: missing {_missing(fields)}")
+    return ImageRecord(source, image_id, acc, str(meta["empi_anon"]), fields), None
+
+
 def image_records(tables: EmbedTables, dicoms: str) -> tuple[list[ImageRecord], list[dict]]:
     """Per-image records of the 2D images with a complete caption, and the rest as quarantine.
 
     Returns:
         ``(records, quarantine)``; each quarantine entry is ``{source, image_id, study_id, reason}``.
     """
-    codes = _legend_map(tables.legend)
-    by_acc = {acc: rows for acc, rows in tables.clinical.groupby(tables.clinical["acc_anon"].astype(str))}
-    empty = tables.clinical.iloc[0:0]
+    clinical, codes = _ClinicalIndex(tables.clinical), _legend_map(tables.legend)
     records, quarantine = [], []
-    for _, meta in tables.metadata.iterrows():
-        source = resolve_source(dicoms, meta["anon_dicom_path"])
-        image_id, acc = _image_id(str(meta["anon_dicom_path"])), str(meta["acc_anon"])
-        if str(meta["FinalImageType"]).strip() != "2D":
-            quarantine.append(dict(source=source, image_id=image_id, study_id=acc,
-                                   reason=f"FinalImageType {meta['FinalImageType']!r} is not 2D"))
-            continue
-        rows = by_acc.get(acc, empty)
-        chosen = choose_clinical_row(rows, _clean(meta["ImageLateralityFinal"]))
-        fields = caption_fields(meta, rows.loc[chosen] if chosen is not None else None, codes)
-        if not is_complete(fields):
-            why = "no clinical row for the study" if chosen is None else f"caption incomplete: missing {_missing(fields)}"
-            quarantine.append(dict(source=source, image_id=image_id, study_id=acc, reason=why))
-            continue
-        records.append(ImageRecord(source, image_id, acc, str(meta["empi_anon"]), fields))
+    for meta in tables.metadata.to_dict("records"):
+        record, rejected = _image_record(meta, dicoms, clinical, codes)
+        if record:
+            records.append(record)
+        else:
+            quarantine.append(rejected)
     return records, quarantine
 
 

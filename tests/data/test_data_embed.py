@@ -15,7 +15,7 @@ from mama_ray.data.embed import (
 
 
 def _rows(*pairs):
-    return pd.DataFrame([dict(acc_anon="1", side=s, asses=a) for s, a in pairs])
+    return [dict(acc_anon="1", side=s, asses=a) for s, a in pairs]
 
 
 @pytest.mark.parametrize("pairs, side, expected", [
