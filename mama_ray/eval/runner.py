@@ -176,6 +176,7 @@ def attention(cfg: Config, checkpoint_uri: str) -> tuple[dict, dict[str, bytes]]
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
+    """``tasks`` if every one is known; ValueError listing the valid ones otherwise."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or not tasks:
         raise ValueError(f"evaluation tasks {unknown or tasks}: choose from {', '.join(ALL_TASKS)}")
@@ -221,3 +222,26 @@ def evaluate(cfg: Config, checkpoint_uri: str, tasks: list[str] | tuple[str, ...
     metrics["files"] = sorted(files)
     write_outputs(out_uri, metrics, files, storage.StorageOptions.from_config(cfg.storage))
     return metrics
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A checkpoint folder as given, or the newest checkpoint of a run folder.
+
+    Raises:
+        StorageError: neither a checkpoint (``train_state.json``) nor a run with checkpoints.
+    """
+    from mama_ray.train.checkpoint import latest_checkpoint
+
+    if storage.exists(storage.join(uri, "train_state.json")):
+        return uri
+    latest = latest_checkpoint(uri) if storage.exists(uri) else None
+    if latest is None:
+        raise storage.StorageError(f"{uri}: not a checkpoint folder and no checkpoint_* folder inside")
+    return latest
+
+
+def eval_config(checkpoint_uri: str, name: str | None, overrides: list[str]) -> Config:
+    """``name`` (preset/YAML) or else the checkpoint's own ``config.yaml``, with overrides."""
+    from mama_ray.config import load
+
+    return load(name or storage.join(checkpoint_uri, "config.yaml"), overrides)

@@ -76,3 +76,23 @@ def tiny_checkpoint(tmp_path_factory, eval_cfg) -> str:
     torch.manual_seed(0)
     model = build_model(eval_cfg).eval()
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_00000007", model, eval_cfg)
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, eval_cfg) -> str:
+    """A tiny checkpoint whose LoRA B matrices are non-zero (so the adapter changes the output),
+    with an evaluation's metrics.json beside it."""
+    from mama_ray.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model(eval_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    uri = write_checkpoint(tmp_path_factory.mktemp("lora_ckpt") / "checkpoint_00000007", model, eval_cfg)
+    metrics = {"split": "test", "shards": "s3://b/shards", "balanced_test": True, "text_feature": "first_pad",
+               "zero_shot": {"density": {"n": 8, "accuracy": 0.5, "balanced_accuracy": 0.625, "auc": 0.75}}}
+    (Path(uri) / "eval").mkdir()
+    (Path(uri) / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    return uri

@@ -1,0 +1,67 @@
+"""Evaluate a MaMA checkpoint: zero-shot, linear probe, fine-tuning, retrieval, attention maps.
+
+    python jobs/evaluate.py --checkpoint s3://bucket/runs/mama/checkpoint_00040000 \
+        [--tasks zero_shot,probe,retrieval,attention] [--out s3://bucket/eval/mama] \
+        [--config base] [--set eval.balanced_test=true]
+
+--checkpoint may also name a run folder (its newest checkpoint is used). Without --config the
+run's own config (saved in the checkpoint) is used; --set overrides either. Results:
+metrics.json + PNGs under --out (default: <checkpoint>/eval). Tasks: zero_shot, probe,
+finetune, retrieval, attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from mama_ray.runtime import init_ray, run_main  # noqa: E402
+
+
+def main() -> int:
+    from mama_ray.eval import DEFAULT_TASKS, evaluate, format_table
+    from mama_ray.eval.runner import eval_config, resolve_checkpoint
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (path or s3://)")
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), type=_tasks, help="comma-separated evaluation tasks")
+    ap.add_argument("--out", default=None, help="output folder or s3:// prefix (default <checkpoint>/eval)")
+    ap.add_argument("--config", default=None, help="preset or YAML (default: the checkpoint's own config)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v",
+                    help="override a config field (repeatable)")
+    args = ap.parse_args()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg = eval_config(checkpoint, args.config, args.overrides)
+    init_ray()
+    metrics = evaluate(cfg, checkpoint, args.tasks, args.out)
+    if "zero_shot" in metrics:
+        print(format_table(metrics["zero_shot"]))
+    for key in ("linear_probe", "finetune", "retrieval"):
+        if key in metrics:
+            print(f"{key}: {json.dumps(_short(metrics[key]))}")
+    print(f"wrote metrics.json and {len(metrics['files'])} files to {args.out or checkpoint + '/eval'}")
+    return 0
+
+
+def _tasks(text: str) -> list[str]:
+    from mama_ray.eval.runner import check_tasks
+
+    try:
+        return check_tasks([t.strip() for t in text.split(",") if t.strip()])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _short(m: dict) -> dict:
+    """Headline numbers only: balanced accuracy per task/fraction, or recall@K."""
+    if "image_to_text" in m:
+        return {k: m[k] for k in ("image_to_text", "text_to_image")}
+    return {task: {f: round(r["balanced_accuracy"], 4) for f, r in by_f.items()} for task, by_f in m.items()}
+
+
+if __name__ == "__main__":
+    run_main(main)
