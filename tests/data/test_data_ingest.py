@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -96,6 +97,19 @@ def test_shard_rows_follow_the_schema_tables_and_method(clean_run, synthetic):
             assert decode_image(im["image"], "png").shape == (im["height"], im["width"])
         assert row["reason"] == ("screening" if "Screening" in row["procedure"] else "diagnostic")
     assert len(split_of) == meta[meta.acc_anon.isin([r["study_id"] for r in rows])].empi_anon.nunique()
+
+
+def test_monochrome1_images_have_the_polarity_of_monochrome2_ones(clean_run):
+    _, out = clean_run
+    seen = Counter()
+    for im in (i for r in _rows(out) for i in r["images"]):
+        photometric = pydicom.dcmread(im["source"], stop_before_pixels=True).PhotometricInterpretation
+        img = decode_image(im["image"], "png")
+        h, w = img.shape
+        darkest_corner = min(int(img[y, x]) for y in (0, h - 1) for x in (0, w - 1))
+        assert darkest_corner < 40 < 70 < img[h // 4: 3 * h // 4, w // 4: 3 * w // 4].mean(), photometric
+        seen[photometric] += 1
+    assert seen["MONOCHROME1"] >= 4 and seen["MONOCHROME2"] >= 4
 
 
 def test_identifying_tags_never_reach_any_output_byte(clean_run, synthetic):
