@@ -17,8 +17,10 @@ from mama_ray.config import Config
 
 def map_options(cfg: Config) -> dict:
     """``map_batches`` arguments of the inference actor pool."""
+    from ray.data import ActorPoolStrategy
+
     gpu = 1 if cfg.scaling.use_gpu else 0
-    return {"batch_size": cfg.eval.batch_size, "concurrency": cfg.eval.concurrency,
+    return {"batch_size": cfg.eval.batch_size, "compute": ActorPoolStrategy(size=cfg.eval.concurrency),
             "num_gpus": gpu, "num_cpus": 0 if gpu else 1}
 
 
