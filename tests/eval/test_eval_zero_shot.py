@@ -25,10 +25,13 @@ from mama_ray.train.checkpoint import load_model_from_checkpoint
 
 @pytest.fixture(scope="module")
 def zero_shot_run(ray_session, s3_server, eval_cfg, tiny_checkpoint):
-    """``run_zero_shot`` of the random tiny checkpoint with its outputs in a fresh bucket."""
+    """``run_zero_shot`` of the random tiny checkpoint, read from S3 by the actors, with its
+    outputs written to S3 too."""
     s3_client().create_bucket(Bucket="zero-shot-out")
+    checkpoint = "s3://zero-shot-out/run/checkpoint_00000007"
+    storage.upload_dir(tiny_checkpoint, checkpoint)
     out = "s3://zero-shot-out/eval"
-    metrics, table = run_zero_shot(eval_cfg, tiny_checkpoint, out)
+    metrics, table = run_zero_shot(eval_cfg, checkpoint, out)
     return metrics, table, out
 
 
@@ -85,7 +88,9 @@ def test_scores_equal_a_direct_computation(zero_shot_run, eval_cfg, eval_shards,
 def test_metrics_follow_from_the_saved_scores(zero_shot_run):
     metrics, table, out = zero_shot_run
     preds = _predictions(out)
-    saved = json.loads(storage.read_bytes(f"{out}/metrics.json"))["zero_shot"]
+    saved_all = json.loads(storage.read_bytes(f"{out}/metrics.json"))
+    assert saved_all["checkpoint"] == "s3://zero-shot-out/run/checkpoint_00000007"
+    saved = saved_all["zero_shot"]
     for task in ("density", "birads"):
         pred = preds[f"{task}_scores"].argmax(axis=1)
         assert metrics[task]["accuracy"] == pytest.approx(float((pred == preds[task]).mean()))
