@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import torch.utils.data  # noqa: E402
 
 from mama_ray.config import Config, load  # noqa: E402
 from mama_ray.data import pipeline  # noqa: E402
@@ -109,17 +110,16 @@ def run_ray(cfg: Config, cpus: int) -> tuple[int, float, float, float]:
     return samples, seconds, mem.peak, it.wait_seconds
 
 
-class ShardSamples:
+class ShardSamples(torch.utils.data.IterableDataset):
     """IterableDataset: each DataLoader worker maps its share of the shard files."""
 
     def __init__(self, cfg: Config):
+        super().__init__()
         self.cfg = cfg
         self.plan = pipeline.rank_plan(cfg, 0, 0, 1)
         self.fs, self.files = pipeline.shard_paths(cfg.data.shards, pipeline.storage.StorageOptions())
 
     def __iter__(self):
-        import torch.utils.data
-
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for path in self.files[wid::nw]:
@@ -130,8 +130,7 @@ class ShardSamples:
 
 def run_dataloader(cfg: Config, cpus: int) -> tuple[int, float, float]:
     """(samples, seconds, peak bytes) of one epoch through a DataLoader with ``cpus`` workers."""
-    import torch.utils.data
-
+    pipeline.tokenize(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
     with PeakPss() as mem:
         loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
                                              prefetch_factor=2, persistent_workers=False)
