@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,3 +174,12 @@ def test_ingest_from_and_to_s3(ray_session, s3_bucket):
     row = pq.read_table(io.BytesIO(first)).to_pylist()[0]
     assert row["images"][0]["source"].startswith(f"s3://{bucket}/in/dicoms/")
     assert decode_image(row["images"][0]["image"], "png").ndim == 2
+
+
+def test_overwrite_redoes_an_output_with_new_settings(clean_run, synthetic, tmp_path):
+    _, clean = clean_run
+    out = tmp_path / "copy"
+    shutil.copytree(clean, out)
+    summary = run_ingest(synthetic[0], str(out), _cfg("ingest.long_side=32"), tables=synthetic[1], overwrite=True)
+    assert summary.skipped_shards == 0 and read_manifest(str(out))["settings"]["long_side"] == 32
+    assert {max(i["height"], i["width"]) for r in _rows(str(out)) for i in r["images"]} == {32}
