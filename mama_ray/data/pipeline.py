@@ -45,9 +45,8 @@ from mama_ray.data.schema import SPLITS
 from mama_ray.data.shards import decode_image
 
 READ_COLUMNS = ["study_id", "split", "procedure", "reason", "age", "race", "ethnicity", "images"]
-# Only these leaves are read for the index: no image bytes.
-INDEX_COLUMNS = ["study_id", "split", "procedure", "reason",
-                 "images.list.element.density", "images.list.element.birads"]
+INDEX_STUDY_FIELDS = ("study_id", "split", "procedure", "reason")  # the index reads these …
+INDEX_IMAGE_FIELDS = ("density", "birads")  # … and these leaves of `images`: no image bytes
 FILE_SALT, WINDOW_SALT = 1, 2  # separate the epoch's random streams from the samples' (salt 0)
 INDEX_THREADS = 16  # parallel footer/column reads while indexing (I/O bound)
 
@@ -117,7 +116,12 @@ class SplitIndex:
 
 def _index_file(fs: pafs.FileSystem, path: str, split: str) -> tuple[tuple[str, ...], np.ndarray]:
     with fs.open_input_file(path) as f:
-        rows = pq.ParquetFile(f).read(columns=INDEX_COLUMNS).to_pylist()
+        pf = pq.ParquetFile(f)
+        leaves = [pf.schema.column(i).path for i in range(pf.metadata.num_columns)]
+        # nested leaves are named images.list.<element|item>.density depending on the writer
+        columns = list(INDEX_STUDY_FIELDS) + [c for c in leaves if c.startswith("images.")
+                                              and c.rsplit(".", 1)[-1] in INDEX_IMAGE_FIELDS]
+        rows = pf.read(columns=columns).to_pylist()
     rows = [r for r in rows if r["split"] == split]
     return tuple(r["study_id"] for r in rows), np.array([len(usable_images(r)) for r in rows], np.int64)
 
