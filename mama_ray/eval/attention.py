@@ -21,27 +21,30 @@ def sentences(model_text: str) -> list[str]:
 
 
 @torch.no_grad()
-def sentence_patch_similarity(model, batch: dict[str, np.ndarray], i: int) -> np.ndarray:
-    """K×P cosine similarities of row ``i``'s K caption sentences to its P patches."""
-    image = torch.from_numpy(np.ascontiguousarray(batch["image"][i : i + 1]))  # 1×3×S×S uint8
-    patch_emb = model.encode_image(image)["patch_emb"][0]  # P×E′
-    ids, mask, sep = (torch.from_numpy(np.asarray(batch[k][i : i + 1]))
-                      for k in ("input_ids", "attention_mask", "sep_mask"))
-    text = model.encode_text(ids, mask, sep, pooling="mean", local=True)
+def sentence_patch_similarity(model, tokenizer, image: np.ndarray, model_text: str) -> np.ndarray:
+    """K×P cosine similarities of a caption's K sentences to an image's P patches.
+
+    Args:
+        image: 3×S×S uint8. model_text: the caption as :func:`captions.to_model_text` makes it.
+    """
+    from mama_ray.eval.zero_shot import tokenize
+
+    pixels = torch.from_numpy(np.ascontiguousarray(image[None]))  # 1×3×S×S uint8
+    patch_emb = model.encode_image(pixels)["patch_emb"][0]  # P×E′
+    enc = tokenize(tokenizer, [model_text], model.cfg.text.max_len, torch.device("cpu"))
+    text = model.encode_text(enc["input_ids"], enc["attention_mask"], enc["sep_mask"], local=True)
     sent_emb = text["sent_emb"][0][text["sent_mask"][0]]  # K×E′
     return (sent_emb @ patch_emb.T).float().numpy()
 
 
-def attention_pngs(model, batch: dict[str, np.ndarray]) -> dict[str, bytes]:
+def attention_pngs(model, tokenizer, batch: dict[str, np.ndarray]) -> dict[str, bytes]:
     """One PNG per row of an evaluation batch: ``{image_id: png bytes}``."""
-    from mama_ray.data.pipeline import EVAL_FIELDS, eval_caption_fields
     from mama_ray.eval.plots import sentence_heatmaps_png
+    from mama_ray.eval.zero_shot import caption_texts
 
     out = {}
-    for i, image_id in enumerate(batch["image_id"]):
-        fields = eval_caption_fields({k: batch[k][i] for k in EVAL_FIELDS})
-        sims = sentence_patch_similarity(model, batch, i)
-        texts = sentences(captions.to_model_text(captions.caption_text(fields)))[: len(sims)]
-        out[str(image_id)] = sentence_heatmaps_png(batch["image"][i], sims, texts,
+    for i, (image_id, text) in enumerate(zip(batch["image_id"], caption_texts(batch), strict=True)):
+        sims = sentence_patch_similarity(model, tokenizer, batch["image"][i], text)
+        out[str(image_id)] = sentence_heatmaps_png(batch["image"][i], sims, sentences(text)[: len(sims)],
                                                    f"{image_id}: sentence→patch similarity")
     return out

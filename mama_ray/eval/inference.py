@@ -67,7 +67,7 @@ class Evaluator(CheckpointActor):
 
     @torch.no_grad()  # grad mode is per thread: set it where the batch is processed
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mama_ray.eval.zero_shot import score_batch
+        from mama_ray.eval.zero_shot import caption_texts, encode_texts, score_batch
 
         out = {k: batch[k] for k in ("image_id", "density", "birads")}
         img = self.model.encode_image(self.images(batch), local=False)
@@ -75,11 +75,11 @@ class Evaluator(CheckpointActor):
             out.update(score_batch(self.model, self.tokenizer, batch, img["image_emb"],
                                    self.model_cfg.text.max_len, self.cfg.eval.text_feature))
         if "embed" in self.outputs:
-            ids, mask = (torch.from_numpy(np.asarray(batch[k])).to(self.device) for k in ("input_ids", "attention_mask"))
-            txt = self.model.encode_text(ids, mask, pooling=self.cfg.eval.text_feature, local=False)
+            text_emb = encode_texts(self.model, self.tokenizer, caption_texts(batch),
+                                    self.model_cfg.text.max_len, self.cfg.eval.text_feature)
             out.update({"pooled_image": img["pooled_image"].float().cpu().numpy(),
                         "image_emb": img["image_emb"].float().cpu().numpy(),
-                        "text_emb": txt["text_emb"].float().cpu().numpy()})
+                        "text_emb": text_emb.cpu().numpy()})
         if "image" in self.outputs:
             out["image"] = np.ascontiguousarray(batch["image"][:, :1])  # the 3 channels are equal
         return out

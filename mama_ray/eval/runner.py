@@ -170,8 +170,8 @@ def attention(cfg: Config, checkpoint_uri: str) -> tuple[dict, dict[str, bytes]]
     batch = first_eval_rows(cfg, cfg.eval.attention_images)
     if not batch or not len(batch["image_id"]):
         return {"images": []}, {}
-    model = load_model_from_checkpoint(checkpoint_uri)[0]
-    pngs = attention_pngs(model, batch)
+    model, tokenizer, _, _ = load_model_from_checkpoint(checkpoint_uri)
+    pngs = attention_pngs(model, tokenizer, batch)
     return {"images": list(pngs)}, {f"attention/{k}.png": v for k, v in pngs.items()}
 
 

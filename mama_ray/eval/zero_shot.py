@@ -45,13 +45,23 @@ def prompts(fields: captions.CaptionFields, task: str) -> list[str]:
     return [captions.to_model_text(p) for p in make(fields)]
 
 
+def caption_texts(batch: dict[str, np.ndarray]) -> list[str]:
+    """The model texts of each row's own full, unmasked caption (§1.3)."""
+    return [captions.to_model_text(captions.caption_text(row_fields(batch, i)))
+            for i in range(len(batch["image_id"]))]
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask``, ``sep_mask`` (N×L) on ``device``, with the checkpoint's tokenizer."""
+    from mama_ray.models.tokenizer import encode_texts as encode
+
+    return {k: torch.as_tensor(v, device=device) for k, v in encode(tokenizer, texts, max_len).items()}
+
+
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: list[str], max_len: int, pooling: str) -> torch.Tensor:
     """Global text embeddings (N×E, L2-normalised) of model texts."""
-    from mama_ray.models.tokenizer import encode_texts as tokenize
-
-    dev = model.logit_scale.device
-    enc = {k: torch.as_tensor(v, device=dev) for k, v in tokenize(tokenizer, texts, max_len).items()}
+    enc = tokenize(tokenizer, texts, max_len, model.logit_scale.device)
     out = model.encode_text(enc["input_ids"], enc["attention_mask"], pooling=pooling, local=False)
     return out["text_emb"].float()
 

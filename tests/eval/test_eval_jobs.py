@@ -1,4 +1,4 @@
-"""The entry points: export to S3 through the real job; evaluate's argument errors exit 2."""
+"""The entry points: export to S3 through the real job; checkpoint and task arguments."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mama_ray import storage
-from mama_ray.eval.runner import check_tasks
+from mama_ray.eval.runner import check_tasks, resolve_checkpoint
 from mama_ray.storage import s3_client
 
 ROOT = Path(__file__).parents[2]
@@ -34,10 +34,11 @@ def test_export_job_writes_a_hugging_face_folder_to_s3(lora_checkpoint, s3_serve
     assert b"balanced accuracy" in storage.read_bytes("s3://export-out/mama/README.md")
 
 
-@pytest.mark.integration
-def test_evaluate_job_rejects_a_folder_without_checkpoints(tmp_path):
-    proc = _job("evaluate.py", "--checkpoint", str(tmp_path), "--tasks", "zero_shot")
-    assert proc.returncode == 2 and "not a checkpoint folder" in proc.stderr
+def test_checkpoint_or_run_folder_resolves(lora_checkpoint, tmp_path):
+    assert resolve_checkpoint(lora_checkpoint) == lora_checkpoint
+    assert resolve_checkpoint(str(Path(lora_checkpoint).parent)).endswith("/checkpoint_00000007")
+    with pytest.raises(storage.StorageError, match="not a checkpoint folder"):
+        resolve_checkpoint(str(tmp_path))  # a StorageError: the jobs exit with code 2
 
 
 def test_unknown_tasks_name_the_valid_ones():
