@@ -42,7 +42,7 @@ from mama_ray import storage
 from mama_ray.config import Config
 from mama_ray.data import captions, transforms
 from mama_ray.data.schema import SPLITS
-from mama_ray.data.shards import decode_image
+from mama_ray.data.shards import MANIFEST, QUARANTINE, decode_image, read_manifest
 
 READ_COLUMNS = ["study_id", "split", "procedure", "reason", "age", "race", "ethnicity", "images"]
 INDEX_STUDY_FIELDS = ("study_id", "split", "procedure", "reason")  # the index reads these …
@@ -138,9 +138,17 @@ def _split_index(shards: str, split: str, opts: storage.StorageOptions) -> Split
 
 
 def shard_paths(shards: str, opts: storage.StorageOptions) -> tuple[pafs.FileSystem, list[str]]:
-    """The ``.parquet`` files under ``shards`` as ``(filesystem, sorted paths inside it)``."""
-    fs, _ = storage.filesystem(shards, opts)
-    files = [f.removeprefix("s3://") for f in storage.list_files(shards, ".parquet", opts)]
+    """The shard files of ``shards`` as ``(filesystem, sorted paths inside it)``.
+
+    An ingest output lists its shards in ``manifest.json`` (only complete shards are there);
+    a folder without one is read as every ``.parquet`` file except the quarantine report.
+    """
+    fs, root = storage.filesystem(shards, opts)
+    if storage.exists(storage.join(shards, MANIFEST), opts):
+        files = sorted(f"{root}/{s['file']}" for s in read_manifest(shards, opts)["shards"])
+    else:
+        files = [f.removeprefix("s3://") for f in storage.list_files(shards, ".parquet", opts)
+                 if not f.endswith("/" + QUARANTINE)]
     if not files:
         raise ValueError(f"data.shards={shards}: no .parquet shards found there")
     return fs, files

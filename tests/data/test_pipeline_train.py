@@ -214,3 +214,21 @@ def test_epoch_positions_are_a_windowed_permutation(shard_set):
     _, again = pipeline.epoch_positions(index, seed=42, epoch=0, buffer=16)
     _, other = pipeline.epoch_positions(index, seed=42, epoch=1, buffer=16)
     assert np.array_equal(pos, again) and not np.array_equal(pos, other)
+
+
+def test_shard_list_comes_from_the_manifest_else_skips_the_quarantine(tmp_path, shard_set):
+    import json
+    import shutil
+
+    from mama_ray.data.shards import QUARANTINE, quarantine_bytes
+
+    root, _ = shard_set
+    folder = tmp_path / "shards"
+    shutil.copytree(root, folder)
+    (folder / QUARANTINE).write_bytes(quarantine_bytes([]))
+    _, files = pipeline.shard_paths(str(folder), storage.StorageOptions())
+    assert [f.rsplit("/", 1)[-1] for f in files] == sorted(p.name for p in root.glob("*.parquet"))
+    (folder / "manifest.json").write_text(json.dumps({"shards": [{"file": "shard-00001.parquet"},
+                                                                 {"file": "shard-00000.parquet"}]}))
+    _, files = pipeline.shard_paths(str(folder), storage.StorageOptions())
+    assert files == [str(folder / "shard-00000.parquet"), str(folder / "shard-00001.parquet")]
