@@ -51,6 +51,9 @@ def train_func(config: dict[str, Any]) -> None:
             world_size) -> BatchSource``, default the Ray Data pipeline) and ``build_model``.
     """
     cfg = config_mod.from_dict(config["cfg"])
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the one to read
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
     from mama_ray.train.context import RayTrainContext
@@ -109,16 +112,19 @@ class Summary:
     checkpoint: str
     step: int
     already_complete: bool = False
-    first_loss: float = float("nan")
-    last_loss: float = float("nan")
+    first: dict = field(default_factory=dict)  # first logged metrics
+    last: dict = field(default_factory=dict)  # last logged metrics
     seconds: float = 0.0
     eval_metrics: dict = field(default_factory=dict)
     eval_table: str = ""
 
     def lines(self) -> list[str]:
         state = "already complete (nothing trained)" if self.already_complete else f"trained in {self.seconds:.0f} s"
-        out = [f"run: {state}, step {self.step}",
-               f"loss: first logged {self.first_loss:.4f} → last {self.last_loss:.4f}"]
+        out = [f"run: {state}, step {self.step}"]
+        if self.first and self.last:  # the total jumps when the late terms join; CLIP alone is comparable
+            out += [f"loss: first logged {self.first['loss']:.4f} (step {self.first['step']:.0f}) → "
+                    f"last {self.last['loss']:.4f} (step {self.last['step']:.0f})",
+                    f"clip loss: first logged {self.first['clip_loss']:.4f} → last {self.last['clip_loss']:.4f}"]
         for task, m in self.eval_metrics.items():
             if isinstance(m, dict) and "balanced_accuracy" in m:
                 out.append(f"zero-shot {task}: balanced accuracy {m['balanced_accuracy']:.3f}")
@@ -169,13 +175,12 @@ def run_pretrain(cfg: Config, resume_from: str = "") -> Summary:
         raise RuntimeError(f"run {run} finished without a checkpoint")
     logged = read_metrics(run, opts)
     summary = Summary(run_dir=run, checkpoint=latest, step=_step_of(latest, opts), already_complete=done,
-                      seconds=time.perf_counter() - started,
-                      first_loss=logged[0]["loss"] if logged else float("nan"),
-                      last_loss=logged[-1]["loss"] if logged else float("nan"))
+                      seconds=time.perf_counter() - started, first=logged[0] if logged else {},
+                      last=logged[-1] if logged else {})
     if cfg.train.eval_at_end:
-        from mama_ray.eval import run_zero_shot
+        from mama_ray.eval.runner import run_zero_shot
 
-        summary.eval_metrics, summary.eval_table = run_zero_shot(cfg, latest)
+        summary.eval_metrics, summary.eval_table = run_zero_shot(cfg, latest, storage.join(run, "eval"))
     return summary
 
 
