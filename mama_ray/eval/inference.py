@@ -15,13 +15,22 @@ import torch
 from mama_ray.config import Config
 
 
+def actor_cpus(cluster_cpus: float, actors: int) -> float:
+    """Logical CPUs each CPU inference actor reserves: 1, or less so that the pool leaves one
+    CPU free for the shard-reading tasks that feed it (else a 2-CPU machine deadlocks: two
+    actors hold both CPUs while the read task waits for one)."""
+    return max(0.1, min(1.0, (cluster_cpus - 1.0) / actors))
+
+
 def map_options(cfg: Config) -> dict:
     """``map_batches`` arguments of the inference actor pool."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     gpu = 1 if cfg.scaling.use_gpu else 0
+    cpus = 0 if gpu else actor_cpus(ray.cluster_resources().get("CPU", 1.0), cfg.eval.concurrency)
     return {"batch_size": cfg.eval.batch_size, "compute": ActorPoolStrategy(size=cfg.eval.concurrency),
-            "num_gpus": gpu, "num_cpus": 0 if gpu else 1}
+            "num_gpus": gpu, "num_cpus": cpus}
 
 
 def collect(ds) -> dict[str, np.ndarray]:
@@ -50,7 +59,8 @@ class CheckpointActor:
         self.cfg = cfg
 
     def images(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)  # B×3×S×S uint8
+        # A copy: Ray Data hands out read-only arrays, which torch.from_numpy warns about.
+        return torch.from_numpy(np.array(batch["image"])).to(self.device)  # B×3×S×S uint8
 
 
 OUTPUTS = ("zero_shot", "embed", "image")

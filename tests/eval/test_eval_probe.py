@@ -67,3 +67,11 @@ def test_warmup_longer_than_run_is_a_config_error():
     bad = dataclasses.replace(ECFG, probe_warmup_steps=100)
     with pytest.raises(ConfigError, match="probe_warmup_steps"):
         probe.fit_linear_probe(np.zeros((2, 2)), np.array([0, 1]), 2, bad, seed=0)
+
+
+def test_inference_actors_leave_a_cpu_for_the_readers():
+    from mama_ray.eval.inference import actor_cpus
+
+    assert actor_cpus(2, 2) == pytest.approx(0.5)  # the laptop default: 2 actors + 1 reader fit in 2 CPUs
+    assert actor_cpus(64, 4) == 1.0
+    assert actor_cpus(1, 2) == pytest.approx(0.1)  # never zero: a zero-CPU actor would be unlimited
