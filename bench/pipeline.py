@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -97,8 +98,8 @@ def run_ray(cfg: Config, cpus: int) -> tuple[int, float, float, float]:
     import ray
 
     with PeakPss() as mem:
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))
+        temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")  # short: socket paths must fit 107 bytes
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
         ray.data.DataContext.get_current().enable_progress_bars = False
         per_rank = pipeline.samples_per_rank(cfg, 1)
         list(pipeline.iter_train_batches(cfg, 0, skip_samples=per_rank - cfg.train.micro_batch_size))
@@ -107,6 +108,7 @@ def run_ray(cfg: Config, cpus: int) -> tuple[int, float, float, float]:
         samples = sum(len(b["image_id"]) for b in it)
         seconds = time.perf_counter() - start
         ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
     return samples, seconds, mem.peak, it.wait_seconds
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -74,20 +75,22 @@ def main(work: Path, store_mb: int, n_studies: int) -> None:
     import torch  # noqa: F401 - imported before the RSS baseline: the collate needs it anyway
 
     data_bytes = write_shards(work / "shards", n_studies)
+    temp = tempfile.mkdtemp(prefix="ray-mem-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ray.init(address="local", num_cpus=2, object_store_memory=store_mb * 1024**2, include_dashboard=False,
-             log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="ray-mem-", dir="/tmp"))  # short: socket paths
+             log_to_driver=False, _temp_dir=temp)
     cfg = config.load("tiny_cpu", {"data.shards": str(work / "shards"), "data.image_size": 32,
                                    "train.micro_batch_size": 16, "data.map_batch_size": 32, "data.block_mb": 8})
     sampler = Sampler()
     sampler.sample()
     rss_before = sampler.peak_rss
     sampler.start()
-    # Rank 0 of 2 reads every shard (all bytes pass through the store) but decodes only half.
-    samples = sum(len(b["image_id"]) for b in pipeline.iter_train_batches(cfg, 0, rank=0, world_size=2, drop_last=False))
+    # Rank 0 of 4 reads every shard (all bytes pass through the store) but decodes only a quarter.
+    samples = sum(len(b["image_id"]) for b in pipeline.iter_train_batches(cfg, 0, rank=0, world_size=4, drop_last=False))
     sampler.stop.set()
     sampler.join()
     sampler.sample()
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
     print(json.dumps({"data_bytes": data_bytes, "store_limit": store_mb * 1024**2, "samples": samples,
                       "peak_store": sampler.peak_store, "spilled": sampler.spilled,
                       "created": sampler.created, "rss_before": rss_before, "peak_rss": sampler.peak_rss}))
