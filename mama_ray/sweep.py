@@ -259,15 +259,21 @@ def run_sweep(cfg: Config, space: dict[str, Any], resume: bool = False) -> Sweep
 
 
 def trial_rows(cfg: Config, grid) -> list[dict[str, Any]]:
-    """One row per trial of a ``ResultGrid``: id, status, reports, step, the metric, the sample; best first."""
-    max_t, metric = report_count(cfg), cfg.tune.metric
+    """One row per trial of a ``ResultGrid``: id, status, reports, step, the metric, the sample; best first.
+
+    A trial is complete when its run reached its last step (a trial resumed mid-run by ``--resume``
+    reports fewer times than ``max_t`` yet completes), else it was stopped early.
+    """
+    from mama_ray.train.loop import stop_step
+
+    last_step, metric = stop_step(cfg), cfg.tune.metric
     rows = []
     for result in grid:
         m = result.metrics or {}
-        reports = int(m.get(TIME_ATTR, 0))
-        status = "error" if result.error else ("stopped early" if reports < max_t else "complete")
+        step = int(m.get("step", 0))
+        status = "error" if result.error else ("complete" if step >= last_step else "stopped early")
         rows.append({"trial": m.get("trial_id") or os.path.basename(result.path), "status": status,
-                     "reports": reports, "step": int(m.get("step", 0)), metric: m.get(metric, math.nan),
+                     "reports": int(m.get(TIME_ATTR, 0)), "step": step, metric: m.get(metric, math.nan),
                      **dict(sorted((result.config or {}).items()))})
     return rank_rows(rows, metric, cfg.tune.mode)
 

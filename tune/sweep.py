@@ -30,8 +30,10 @@ def main() -> int:
     ap.add_argument("--num-samples", type=int, default=None, help="trials (default: tune.num_samples)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this config")
     args = ap.parse_args()
-    args.overrides += [f"tune.space={args.space}"] * (args.space is not None)
-    args.overrides += [f"tune.num_samples={args.num_samples}"] * (args.num_samples is not None)
+    if args.space is not None:
+        args.overrides.append(f"tune.space={args.space}")
+    if args.num_samples is not None:
+        args.overrides.append(f"tune.num_samples={args.num_samples}")
     cfg = load_from_args(args)
     space = get_space(cfg.tune.space)
     from mama_ray.sweep import local_cpus, run_sweep
