@@ -155,3 +155,25 @@ def test_runtime_env_is_valid_and_ships_the_repo_without_secrets():
     assert {".git/", ".venv/"} <= set(data["excludes"])
     assert all(isinstance(v, str) for v in data["env_vars"].values())
     assert not any(k.startswith(("AWS_", "RAY_AUTH")) for k in data["env_vars"])
+
+
+def _readme_commands() -> list[list[str]]:
+    """The `$SUBMIT python …` commands of cluster/README.md, continuation lines joined."""
+    text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line.split("$SUBMIT", 1)[1].replace("$B", "s3://b/m"))
+            for line in text.splitlines() if line.startswith("$SUBMIT python ")]
+
+
+def test_readme_commands_match_the_jobs():
+    commands = _readme_commands()
+    scripts = [argv[1] for argv in commands]
+    assert scripts == ["jobs/prepare_data.py", "jobs/pretrain.py", "jobs/evaluate.py",
+                       "jobs/export.py", "tune/sweep.py"]
+    repo = CLUSTER.parent
+    for argv in commands:
+        source = (repo / argv[1]).read_text()
+        flags = {a for a in argv[2:] if a.startswith("--")} - {"--config", "--set"}
+        assert all(f'"{f}"' in source for f in flags), (argv[1], flags)  # each is an add_argument
+        if "--config" in argv:  # every override names a real field with a valid value
+            sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+            load(argv[argv.index("--config") + 1], sets)
