@@ -75,11 +75,13 @@ def report_count(cfg: Config) -> int:
 def local_cpus(cfg: Config) -> int:
     """Logical CPUs for a local cluster: the concurrent trials' drivers and workers, plus data tasks.
 
-    Oversubscribing a small laptop is deliberate; an attached cluster keeps its own count.
+    At least 6, as for ``jobs/pretrain.py``: ingest, the workers' data streams and the evaluation
+    actors must be schedulable at once. Oversubscribing a small laptop is deliberate; an attached
+    cluster keeps its own count.
     """
     t, s = cfg.tune, cfg.scaling
     per_trial = t.driver_cpus + s.num_workers * s.cpus_per_worker
-    return max(os.cpu_count() or 1, math.ceil(t.max_concurrent * per_trial) + 2)
+    return max(6, os.cpu_count() or 1, math.ceil(t.max_concurrent * per_trial) + 2)
 
 
 def _examples(domain: Any) -> list[Any]:
