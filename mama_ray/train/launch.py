@@ -72,6 +72,15 @@ def _scaling(cfg: Config):
     return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
 
 
+def check_supported(cfg: Config) -> None:
+    """Settings the config can express but this trainer cannot honour fail here, naming the field."""
+    if not cfg.loss.sync_local_heads:
+        raise config_mod.ConfigError(
+            "config field 'loss.sync_local_heads': false (per-rank local heads, as the original most likely "
+            "trained) is not supported: DeepSpeed averages every gradient and ZeRO partitions optimizer "
+            "state across ranks, so no rank can keep its own copy of some weights")
+
+
 def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None = None,
                   data_factory: DataFactory | None = None, build_model: Callable | None = None):
     """The ``TorchTrainer`` of a run: scaling, storage, failure and checkpoint settings from ``cfg``.
@@ -88,6 +97,7 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    check_supported(cfg)
     opts = storage.StorageOptions.from_config(cfg.storage)
     fs, path = storage.filesystem(cfg.storage.run_dir, opts)
     storage.check_bucket(cfg.storage.run_dir, opts)
