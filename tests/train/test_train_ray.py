@@ -4,6 +4,7 @@ Every run uses the real TorchTrainer with 1–2 CPU workers, real DeepSpeed and 
 single-process references use the same loop in this process (LocalContext).
 """
 
+import json
 import os
 import threading
 import time
@@ -37,11 +38,13 @@ def _s3_weights(uri):
 def _deterministic(name: str) -> bool:
     """Weights whose update is a function of the samples, not of float rounding.
 
-    Left out: BatchNorm running statistics (per rank by design; rank 0's are saved) and the biases
-    right before a BatchNorm, whose true gradient is exactly 0 — Adam normalises their rounding
-    noise into lr-sized steps that differ between a 2-rank all-reduce and a 2-micro-batch sum.
+    Left out: BatchNorm running statistics (per rank by design; rank 0's are saved), the biases
+    right before a BatchNorm and the attention key biases (softmax ignores a constant shift), whose
+    true gradient is exactly 0 — Adam normalises their rounding noise into lr-sized steps that
+    differ between a 2-rank all-reduce and a 2-micro-batch sum, or between two processes.
     """
-    return not any(s in name for s in ("running_", "num_batches_tracked", "head.fc1.bias", "head.fc2.bias"))
+    return not any(s in name for s in ("running_", "num_batches_tracked", "head.fc1.bias", "head.fc2.bias",
+                                       "k_proj.bias"))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -81,15 +84,27 @@ def test_interrupt_at_20_resume_on_s3(ray_session, s3_bucket, tmp_path, kit):
     ref = kit.run_local(kit.tiny_cfg(**{**over, "storage.run_dir": str(tmp_path)}), tmp_path / "straight")
     assert result.metrics["loss"] == pytest.approx(ref.reports[-1]["loss"], rel=1e-5)
     a, b = _s3_weights(ckpt), kit.weights(tmp_path / "straight" / "ckpt" / "checkpoint_00000030")
-    for n in (n for n in b if _deterministic(n)):  # Ray and this process sum floats in other orders
-        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    # Ray's worker and this process sum floats in other orders (other thread counts); Adam turns that
+    # into ≲ 1e-5 moves of near-zero-gradient weights. A broken resume (optimizer state, RNG, data
+    # position) moves weights by ~lr per step (1e-3 here) and the loss beyond 1e-5.
+    for n in (n for n in b if _deterministic(n)):
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
     kept = {f.rsplit("/", 2)[-2] for f in storage.list_files(run, suffix="train_state.json")}
     assert kept == {"checkpoint_00000020", "checkpoint_00000030"}  # keep_checkpoints: 2
 
 
-def _kill_a_worker_after(first_checkpoint: str, stop: threading.Event, killed: list) -> None:
-    """Kill (SIGKILL) one Ray Train worker process of this session once the checkpoint exists."""
-    while not stop.is_set() and not os.path.exists(first_checkpoint):
+def _registered(run: str) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run (its checkpoint manager snapshot lists one)."""
+    try:
+        with open(os.path.join(run, "checkpoint_manager_snapshot.json")) as f:
+            return bool(json.load(f)["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _kill_a_worker_after(run: str, stop: threading.Event, killed: list) -> None:
+    """Kill (SIGKILL) one Ray Train worker process of this session once a checkpoint is registered."""
+    while not stop.is_set() and not _registered(run):
         time.sleep(0.1)
     me = psutil.Process()
     while not stop.is_set() and not killed:
@@ -109,9 +124,8 @@ def test_killed_worker_restarts_from_checkpoint(ray_session, tmp_path, kit):
                           "train.log_every": 5, "train.max_failures": 2, "storage.run_dir": str(tmp_path),
                           "run.name": "killed"})
     stop, killed = threading.Event(), []
-    # Kill once checkpoint 10 is being written: checkpoint 5 is then registered for certain.
-    watcher = threading.Thread(target=_kill_a_worker_after,
-                               args=(str(tmp_path / "killed" / "checkpoint_00000010" / "train_state.json"), stop, killed))
+    # A checkpoint exists in storage once a rank uploaded it but counts only once Ray registered it.
+    watcher = threading.Thread(target=_kill_a_worker_after, args=(str(tmp_path / "killed"), stop, killed))
     watcher.start()
     try:
         result = _fit(cfg, kit)
