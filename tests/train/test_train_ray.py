@@ -64,7 +64,7 @@ def test_two_workers_equal_one_process(stage, ray_session, tmp_path, kit):
     a = kit.weights(latest_checkpoint(run_uri(ray_cfg)))
     b = kit.weights(tmp_path / "local" / "ckpt" / "checkpoint_00000004")
     for n in (n for n in b if _deterministic(n)):
-        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(a[n], b[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_interrupt_at_20_resume_on_s3(ray_session, s3_bucket, tmp_path, kit):
