@@ -37,6 +37,9 @@ def main() -> int:
     from mama_ray.train.launch import run_pretrain
 
     summary = run_pretrain(cfg, resume_from=args.resume_from)
+    import ray
+
+    ray.shutdown()  # flushes the workers' streamed logs, so the summary really is the last output
     if summary.eval_table:
         print(summary.eval_table)
     print("\n".join(summary.lines()))

@@ -95,3 +95,10 @@ def test_markdown_reference_documents_every_field():
     doc = C.markdown_reference()
     assert "| `model.lora.r` | `8` | LoRA rank |" in doc
     assert doc.count("\n| `") >= 90
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert doc.endswith(C.markdown_reference()), "regenerate the table: python -m mama_ray.config --doc"
