@@ -122,6 +122,18 @@ def linear_probe_metrics(cfg, train: dict[str, np.ndarray], test: dict[str, np.n
     Returns:
         ``{task: {"<fraction>": classification metrics + "train_images"}}``.
     """
+    def fit_and_score(task: str, num_classes: int, rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+        head = fit_linear_probe(train["pooled_image"][rows], train[task][rows], num_classes,
+                                cfg.eval, cfg.run.seed)
+        return predict_scores(head, test["pooled_image"][test_rows])
+
+    return _per_task_and_fraction(cfg, train, test, test_ids, fit_and_score)
+
+
+def _per_task_and_fraction(cfg, train: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                           test_ids: dict[str, np.ndarray], fit_and_score) -> dict:
+    """Run ``fit_and_score(task, num_classes, train_rows, test_rows) -> scores`` for every task and
+    data fraction; ``{task: {"<fraction>": classification metrics + "train_images"}}``."""
     from mama_ray.eval.metrics import classification_metrics
     from mama_ray.eval.zero_shot import NUM_CLASSES, TASKS
 
@@ -131,9 +143,7 @@ def linear_probe_metrics(cfg, train: dict[str, np.ndarray], test: dict[str, np.n
         out[task] = {}
         for fraction in cfg.eval.data_fractions:
             rows = _train_rows(train[task], fraction, cfg.run.seed)
-            head = fit_linear_probe(train["pooled_image"][rows], train[task][rows], NUM_CLASSES[task],
-                                    cfg.eval, cfg.run.seed)
-            scores = predict_scores(head, test["pooled_image"][test_rows])
+            scores = fit_and_score(task, NUM_CLASSES[task], rows, test_rows)
             m = classification_metrics(test[task][test_rows], scores)
             out[task][f"{fraction:g}"] = {**m, "train_images": int(len(rows))}
     return out
@@ -188,22 +198,15 @@ def finetune_metrics(cfg, checkpoint_uri: str, train: dict[str, np.ndarray], tes
         ``{task: {"<fraction>": classification metrics + "train_images"}}``.
     """
     from mama_ray.eval.inference import device
-    from mama_ray.eval.metrics import classification_metrics
-    from mama_ray.eval.zero_shot import NUM_CLASSES, TASKS
     from mama_ray.train.checkpoint import load_model_from_checkpoint
 
     model, _, _, _ = load_model_from_checkpoint(checkpoint_uri)
     dev = device()
-    out: dict = {}
-    for task in TASKS:
-        test_rows = np.isin(test["image_id"], test_ids[task])
-        out[task] = {}
-        for fraction in cfg.eval.data_fractions:
-            rows = _train_rows(train[task], fraction, cfg.run.seed)
-            torch.manual_seed(cfg.run.seed)  # the head's init
-            net = FineTuner(copy.deepcopy(model.vision), NUM_CLASSES[task]).to(dev)
-            _finetune(net, train["image"][rows], train[task][rows], cfg, dev)
-            scores = _predict(net, test["image"][test_rows], cfg.eval.batch_size, dev)
-            m = classification_metrics(test[task][test_rows], scores)
-            out[task][f"{fraction:g}"] = {**m, "train_images": int(len(rows))}
-    return out
+
+    def fit_and_score(task: str, num_classes: int, rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+        torch.manual_seed(cfg.run.seed)  # the head's init
+        net = FineTuner(copy.deepcopy(model.vision), num_classes).to(dev)
+        _finetune(net, train["image"][rows], train[task][rows], cfg, dev)
+        return _predict(net, test["image"][test_rows], cfg.eval.batch_size, dev)
+
+    return _per_task_and_fraction(cfg, train, test, test_ids, fit_and_score)

@@ -56,7 +56,7 @@ def eval_shards(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def test_image_ids(eval_shards) -> list[str]:
+def split_image_ids(eval_shards) -> list[str]:
     """Sorted ids of the test split's usable images (those with a BI-RADS letter)."""
     return sorted(img["image_id"] for s in eval_shards[1] if s["split"] == "test"
                   for img in s["images"] if img["birads"] is not None)

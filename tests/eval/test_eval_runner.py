@@ -30,11 +30,11 @@ def evaluated(ray_session, eval_cfg, tiny_checkpoint, tmp_path_factory):
     return metrics, out
 
 
-def test_metrics_json_has_every_task(evaluated, test_image_ids):
+def test_metrics_json_has_every_task(evaluated, split_image_ids):
     metrics, out = evaluated
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["checkpoint"] and saved["split"] == "test"
-    n = len(test_image_ids)
+    n = len(split_image_ids)
     for kind in ("linear_probe", "finetune"):
         for task, classes in (("density", 4), ("birads", 7)):
             m = saved[kind][task]["1"]

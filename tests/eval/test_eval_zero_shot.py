@@ -64,14 +64,14 @@ def _predictions(out: str) -> dict[str, np.ndarray]:
     return {name: np.array(table[name].to_pylist()) for name in table.column_names}
 
 
-def test_scores_have_class_shapes_and_cover_the_test_split(zero_shot_run, test_image_ids):
+def test_scores_have_class_shapes_and_cover_the_test_split(zero_shot_run, split_image_ids):
     metrics, _, out = zero_shot_run
     preds = _predictions(out)
-    assert preds["image_id"].tolist() == test_image_ids
-    assert preds["density_scores"].shape == (len(test_image_ids), 4)
-    assert preds["birads_scores"].shape == (len(test_image_ids), 7)
-    assert metrics["density"]["n"] == len(test_image_ids)  # not balanced: every labelled image
-    assert sum(metrics["birads"]["support"]) == len(test_image_ids)
+    assert preds["image_id"].tolist() == split_image_ids
+    assert preds["density_scores"].shape == (len(split_image_ids), 4)
+    assert preds["birads_scores"].shape == (len(split_image_ids), 7)
+    assert metrics["density"]["n"] == len(split_image_ids)  # not balanced: every labelled image
+    assert sum(metrics["birads"]["support"]) == len(split_image_ids)
 
 
 def test_scores_equal_a_direct_computation(zero_shot_run, eval_cfg, eval_shards, tiny_checkpoint):
