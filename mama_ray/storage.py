@@ -235,7 +235,7 @@ def download_dir(uri: str, local_dir: str | Path, opts: StorageOptions | None = 
         rel = f.removeprefix("s3://")[len(base):].lstrip("/")
         dest = local_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(read_bytes(f if is_s3(uri) else f, opts))
+        dest.write_bytes(read_bytes(f, opts))
     return local_dir
 
 
