@@ -1,15 +1,17 @@
 """Training-pipeline throughput: the Ray Data pipeline vs. a torch DataLoader, on the same shards.
 
-    python bench/pipeline.py [--studies 48] [--image-size 518] [--cpus N] [--long-side 1024]
+    python bench/pipeline.py [--studies 48] [--image-size 518] [--cpus N] [--long-side 1024] [--epochs 1]
 
 Writes ``--studies`` synthetic studies (4 mammogram-like images each, long side ``--long-side``,
-PNG) as shards, then, for one training epoch at ``--image-size``:
+PNG) as shards, then times ``--epochs`` training epochs back to back at ``--image-size``:
 
-* **ray**: ``iter_train_batches`` (rank 0 of 1) on a local Ray cluster of ``--cpus`` CPUs, after a
-  short untimed warm-up (the last micro-batch of the epoch) that starts the worker processes;
-* **dataloader**: ``torch.utils.data.DataLoader(num_workers=--cpus)`` over an IterableDataset that
-  reads the same shards with pyarrow (files dealt to workers) and runs the pipeline's own map
-  function on them — the same decode, pairing, augmentation, caption and tokenisation code.
+* **ray**: ``iter_train_batches`` (rank 0 of 1, epochs 1…E) on a local Ray cluster of ``--cpus``
+  CPUs, after an untimed warm-up epoch 0 that starts the worker processes and their imports (its
+  prefetch of epoch 1 is dropped, so the first timed epoch starts cold);
+* **dataloader**: ``torch.utils.data.DataLoader(num_workers=--cpus, persistent_workers=True)``
+  over an IterableDataset that reads the same shards with pyarrow (files dealt to workers) and
+  runs the pipeline's own map function on them — the same decode, pairing, augmentation, caption
+  and tokenisation code, without restoring the epoch's order.
 
 Peak memory is the peak summed PSS of this process and all its descendants (Ray's raylet, GCS,
 object store and workers; the DataLoader's workers), sampled every 0.25 s. Prints one table.
@@ -93,23 +95,26 @@ class PeakPss(threading.Thread):
         self.join()
 
 
-def run_ray(cfg: Config, cpus: int) -> tuple[int, float, float, float]:
-    """(samples, seconds, peak bytes, data-wait seconds) of one epoch through the Ray pipeline."""
+def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float]:
+    """(samples, seconds, peak bytes, data-wait seconds) of ``epochs`` epochs through the Ray pipeline."""
     import ray
 
     with PeakPss() as mem:
         temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")  # short: socket paths must fit 107 bytes
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        per_rank = pipeline.samples_per_rank(cfg, 1)
-        list(pipeline.iter_train_batches(cfg, 0, skip_samples=per_rank - cfg.train.micro_batch_size))
-        start = time.perf_counter()
-        it = pipeline.iter_train_batches(cfg, 0)
-        samples = sum(len(b["image_id"]) for b in it)
+        list(pipeline.iter_train_batches(cfg, 0))
+        pipeline.cancel_prefetch()
+        samples, wait, start = 0, 0.0, time.perf_counter()
+        for epoch in range(1, epochs + 1):
+            it = pipeline.iter_train_batches(cfg, epoch)
+            samples += sum(len(b["image_id"]) for b in it)
+            wait += it.wait_seconds
         seconds = time.perf_counter() - start
+        pipeline.cancel_prefetch()
         ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
-    return samples, seconds, mem.peak, it.wait_seconds
+    return samples, seconds, mem.peak, wait
 
 
 class ShardSamples(torch.utils.data.IterableDataset):
@@ -130,14 +135,14 @@ class ShardSamples(torch.utils.data.IterableDataset):
                     yield pipeline.train_batch(pa.Table.from_batches([rb]), self.cfg, self.plan)
 
 
-def run_dataloader(cfg: Config, cpus: int) -> tuple[int, float, float]:
-    """(samples, seconds, peak bytes) of one epoch through a DataLoader with ``cpus`` workers."""
+def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float]:
+    """(samples, seconds, peak bytes) of ``epochs`` epochs through a DataLoader with ``cpus`` workers."""
     pipeline.tokenize(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
     with PeakPss() as mem:
         loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
-                                             prefetch_factor=2, persistent_workers=False)
+                                             prefetch_factor=2, persistent_workers=True)
         start = time.perf_counter()
-        samples = sum(len(b["image_id"]) for b in loader)
+        samples = sum(len(b["image_id"]) for _ in range(epochs) for b in loader)
         seconds = time.perf_counter() - start
     return samples, seconds, mem.peak
 
@@ -148,16 +153,17 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=518)
     ap.add_argument("--long-side", type=int, default=1024)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--epochs", type=int, default=1)
     args = ap.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(Path(tmp) / "shards", args.studies, args.long_side)
         cfg = load("tiny_cpu", {"data.shards": str(Path(tmp) / "shards"), "data.image_size": args.image_size,
                                 "train.micro_batch_size": 8, "data.map_batch_size": 16})
-        r_n, r_s, r_mem, r_wait = run_ray(cfg, args.cpus)
-        d_n, d_s, d_mem = run_dataloader(cfg, args.cpus)
+        r_n, r_s, r_mem, r_wait = run_ray(cfg, args.cpus, args.epochs)
+        d_n, d_s, d_mem = run_dataloader(cfg, args.cpus, args.epochs)
     print(f"{args.studies} studies × 4 images, stored long side {args.long_side}, out {args.image_size}², "
-          f"{args.cpus} CPUs; one epoch ({r_n} pairs)")
+          f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}")
     print("| pipeline | pairs | s | pairs/s | peak PSS MB | note |\n|---|---|---|---|---|---|")
     print(f"| Ray Data (iter_train_batches) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_mem / 2**20:.0f} | "
           f"data wait {r_wait:.1f} s |")

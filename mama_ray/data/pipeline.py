@@ -8,11 +8,14 @@ Design (details and the reasons in ``docs/pipeline.md``):
   deterministic windowed shuffle over ``data.shuffle_buffer`` consecutive samples. Epoch
   position ``p`` goes to rank ``p % W`` as that rank's sample ``j = p // W``; every rank gets
   ``N // W`` samples, so ranks take the same number of steps.
-* **Each rank streams its own dataset.** ``read_parquet`` over the files in the epoch's order →
-  split filter → one ``map_batches`` that expands each study into this rank's samples and
-  decodes, augments, captions and tokenises them. Samples a resumed run already consumed
-  (``j < skip_samples``) are dropped there, before any decoding. Ray Data's dynamic block
-  hand-out (``streaming_split``) cannot give exact resume, so ranks do not share one stream.
+* **Each rank streams its own dataset.** Read units (whole Parquet row groups of one shard that
+  hold this rank's studies, in the epoch's file order) → one ``map_batches`` whose tasks read
+  their unit and expand each study into this rank's samples: decode, augment, caption,
+  tokenise. Samples a resumed run already consumed (``j < skip_samples``) are not in the plan,
+  so they are neither read nor decoded. Ray Data's dynamic block hand-out (``streaming_split``)
+  cannot give exact resume, so ranks do not share one stream.
+* **The next epoch in advance.** Once an epoch's last block has arrived, its successor's
+  execution starts on a background thread; asking for exactly that epoch continues it.
 * **Order restored on the consumer.** Blocks arrive in file order (``preserve_order``); a small
   reorder buffer (≈ ``shuffle_buffer / W`` samples) yields samples in ``j`` order, so the
   batches are identical whatever the parallelism, and a run restarted at ``j = k`` yields
@@ -27,6 +30,9 @@ collate hands the trainer B×3×S×S uint8 as a broadcast view. Normalisation ha
 from __future__ import annotations
 
 import functools
+import itertools
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -108,13 +114,16 @@ class SplitIndex:
     files: tuple[str, ...]  # shard paths inside ``fs`` (sorted)
     study_ids: tuple[tuple[str, ...], ...]  # per file: the split's studies in row order
     counts: tuple[np.ndarray, ...]  # per file: usable images of each of those studies
+    rows: tuple[np.ndarray, ...]  # per file: the row number of each of those studies in the file
+    row_groups: tuple[tuple[int, ...], ...]  # per file: rows of each Parquet row group
 
     @property
     def num_samples(self) -> int:
         return int(sum(c.sum() for c in self.counts))
 
 
-def _index_file(fs: pafs.FileSystem, path: str, split: str) -> tuple[tuple[str, ...], np.ndarray]:
+def _index_file(fs: pafs.FileSystem, path: str, split: str) -> tuple:
+    """``(study ids, usable counts, row numbers, row-group sizes)`` of ``split`` in one shard."""
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         leaves = [pf.schema.column(i).path for i in range(pf.metadata.num_columns)]
@@ -122,8 +131,10 @@ def _index_file(fs: pafs.FileSystem, path: str, split: str) -> tuple[tuple[str, 
         columns = list(INDEX_STUDY_FIELDS) + [c for c in leaves if c.startswith("images.")
                                               and c.rsplit(".", 1)[-1] in INDEX_IMAGE_FIELDS]
         rows = pf.read(columns=columns).to_pylist()
-    rows = [r for r in rows if r["split"] == split]
-    return tuple(r["study_id"] for r in rows), np.array([len(usable_images(r)) for r in rows], np.int64)
+        groups = tuple(pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups))
+    mine = [i for i, r in enumerate(rows) if r["split"] == split]
+    return (tuple(rows[i]["study_id"] for i in mine), np.array([len(usable_images(rows[i])) for i in mine], np.int64),
+            np.array(mine, np.int64), groups)
 
 
 @functools.lru_cache(maxsize=8)
@@ -134,7 +145,7 @@ def _split_index(shards: str, split: str, opts: storage.StorageOptions) -> Split
     ids = [sid for part in parts for sid in part[0]]
     if len(ids) != len(set(ids)):
         raise ValueError(f"data.shards={shards}: a study_id occurs twice (a study must be one row)")
-    return SplitIndex(tuple(files), tuple(p[0] for p in parts), tuple(p[1] for p in parts))
+    return SplitIndex(tuple(files), *(tuple(p[k] for p in parts) for k in range(4)))
 
 
 def shard_paths(shards: str, opts: storage.StorageOptions) -> tuple[pafs.FileSystem, list[str]]:
@@ -354,30 +365,83 @@ def eval_caption_fields(row: dict[str, Any]) -> captions.CaptionFields:
 # ------------------------------------------------------------------------------------------
 
 
-def _read(cfg: Config, paths: list[str] | tuple[str, ...], split: str, studies_per_block: int):
-    """``read_parquet`` over shard paths, in the given order, filtered to ``split``.
+def _work_items(index: SplitIndex, files: list[int], wanted, studies_per_item: int) -> list[dict]:
+    """Read units in stream order: runs of whole row groups of one shard and the rows to keep.
 
-    Ray Data's default Parquet reader (DataSourceV2 in Ray 2.60) buckets files by size and does
-    not keep their order, which would make the consumer's reorder buffer grow with the data set;
-    the V1 reader keeps the order and, with one block request per file, reads file by file.
-    Blocks are then cut (streaming) to ``studies_per_block`` rows, because a map task handles a
-    whole block: small blocks spread decoding over tasks.
+    Consecutive row groups of a file join one unit until it holds ``studies_per_item`` wanted
+    studies; a row group is never split (a unit reads it once), and row groups or files without a
+    wanted study are not read at all.
+
+    Args:
+        index: the split's index; ``files`` are indices into it, in the order to stream them.
+        wanted: ``study_id -> bool``: the studies this stream needs.
+    Returns:
+        dicts ``{"path", "row_groups": [group], "take": [row in the concatenated groups]}``.
+    """
+    items = []
+    for f in files:
+        sizes = index.row_groups[f]
+        starts = np.cumsum((0, *sizes))  # first row of each group
+        rows = [int(r) for sid, r in zip(index.study_ids[f], index.rows[f], strict=True) if wanted(sid)]
+        item: dict | None = None
+        for g, group_rows in itertools.groupby(rows, key=lambda r, s=starts: int(np.searchsorted(s, r, "right")) - 1):
+            if item is None:
+                item, offset = {"path": index.files[f], "row_groups": [], "take": []}, 0
+            item["row_groups"].append(g)
+            item["take"] += [offset + r - int(starts[g]) for r in group_rows]
+            offset += sizes[g]
+            if len(item["take"]) >= studies_per_item:
+                items.append(item)
+                item = None
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def _study_tables(items: pa.Table, fs: pafs.FileSystem, rows_per_batch: int) -> Iterator[pa.Table]:
+    """Map-task side of :func:`_work_items`: read each unit's row groups once, yield its rows in slices."""
+    for item in items.to_pylist():
+        with fs.open_input_file(item["path"]) as f:
+            table = pq.ParquetFile(f).read_row_groups(item["row_groups"], columns=READ_COLUMNS)
+        table = table.take(item["take"])
+        for start in range(0, table.num_rows, rows_per_batch):
+            yield table.slice(start, rows_per_batch)
+
+
+def train_items(items: pa.Table, cfg: Config, plan: RankPlan, fs: pafs.FileSystem,
+                rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Map function: read units → this rank's samples, ``rows_per_batch`` studies per output batch."""
+    for table in _study_tables(items, fs, rows_per_batch):
+        yield train_batch(table, cfg, plan)
+
+
+def eval_items(items: pa.Table, cfg: Config, fs: pafs.FileSystem, rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Map function: read units → eval rows (see :func:`eval_batch`)."""
+    for table in _study_tables(items, fs, rows_per_batch):
+        yield eval_batch(table, cfg)
+
+
+# Ray Data lets one execution buffer up to half the object store; while the next epoch is
+# prefetched two executions of a rank overlap, so each train execution gets half of that.
+STORE_FRACTION_WITH_PREFETCH = 0.25
+
+
+def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any], store_fraction: float | None = None):
+    """One map task per read unit, in order: the read happens inside the task that decodes.
+
+    Reading in the map task (instead of ``read_parquet`` → ``repartition`` → ``map_batches``) keeps
+    shard bytes out of the object store and runs one operator, so Ray Data gives it every CPU and
+    an epoch starts after one task hop instead of three (docs/pipeline.md, "Why one operator").
     """
     import ray.data
-    from ray.data.expressions import col, lit
 
     fs, _ = storage.filesystem(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        ds = ray.data.read_parquet(list(paths), filesystem=fs, columns=READ_COLUMNS,
-                                   override_num_blocks=len(paths))
-    finally:
-        ctx.use_datasource_v2 = v2
-    # Bounds every object in the store: read tasks cut their output at this size.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one unit per block → per task
+    # Bounds every object in the store: map tasks cut their output at this size.
     ds.context.target_max_block_size = cfg.data.block_mb * 1024**2
-    ds = ds.filter(expr=col("split") == lit(split))
-    return ds.repartition(target_num_rows_per_block=studies_per_block)
+    ds.context.override_object_store_memory_limit_fraction = store_fraction  # None = Ray's default
+    ds = ds.map_batches(fn, batch_size=None, fn_kwargs={**fn_kwargs, "fs": fs}, **_map_args(cfg))
+    return _ordered(ds)
 
 
 def _map_args(cfg: Config) -> dict[str, Any]:
@@ -408,9 +472,12 @@ def build_train_dataset(cfg: Config, epoch: int, rank: int = 0, world_size: int 
     mean_images = max(1.0, index.num_samples / max(1, sum(len(s) for s in index.study_ids)))
     # map_batch_size counts samples; each study row yields ≈ mean_images / W of them here.
     studies_per_call = max(1, round(cfg.data.map_batch_size * world_size / mean_images))
-    ds = _read(cfg, plan.files, "train", studies_per_call).map_batches(
-        train_batch, batch_size=None, fn_kwargs={"cfg": cfg, "plan": plan}, **_map_args(cfg))
-    return _ordered(ds), plan
+    number = {path: f for f, path in enumerate(index.files)}
+    file_order = [number[path] for path in plan.files]
+    items = _work_items(index, file_order, plan.studies.__contains__, studies_per_call)
+    ds = _item_dataset(cfg, items, train_items, {"cfg": cfg, "plan": plan, "rows_per_batch": studies_per_call},
+                       STORE_FRACTION_WITH_PREFETCH if cfg.data.prefetch_next_epoch else None)
+    return ds, plan
 
 
 def build_eval_dataset(cfg: Config, split: str):
@@ -422,9 +489,9 @@ def build_eval_dataset(cfg: Config, split: str):
     the zero-shot prompts). Rows come in shard order.
     """
     index = split_index(cfg, split)
-    ds = _read(cfg, index.files, split, cfg.data.map_batch_size).map_batches(
-        eval_batch, batch_size=None, fn_kwargs={"cfg": cfg}, **_map_args(cfg))
-    return _ordered(ds)
+    rows = cfg.data.map_batch_size
+    items = _work_items(index, list(range(len(index.files))), lambda _: True, rows)
+    return _item_dataset(cfg, items, eval_items, {"cfg": cfg, "rows_per_batch": rows})
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,6 +535,99 @@ def _in_order(blocks: Iterator[dict[str, np.ndarray]], start: int, stop: int):
     assert expected == stop and not pending, f"stream ended at sample {expected} of {stop}"
 
 
+class BlockStream:
+    """A dataset's blocks pulled on a background thread into a bounded queue.
+
+    Used to start the next epoch's execution while the trainer still consumes this epoch, so the
+    startup of a Ray Data execution (planning, first tasks, the first shuffle window) overlaps
+    training instead of stalling it. At most ``depth`` blocks wait in the queue; Ray Data's own
+    backpressure bounds the rest.
+    """
+
+    _END = object()
+
+    def __init__(self, dataset, prefetch_batches: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pull, args=(dataset, prefetch_batches),
+                                        name="mama-next-epoch", daemon=True)
+        self._thread.start()
+
+    def _pull(self, dataset, prefetch_batches: int) -> None:
+        blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+        try:
+            for block in blocks:
+                if not self._put(block):
+                    return
+            self._put(self._END)
+        except Exception as e:  # handed to the consumer, raised there
+            self._put(e)
+        finally:
+            getattr(blocks, "close", lambda: None)()  # stops the execution if it is still running
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def cancel(self, wait_s: float = 0.0) -> None:
+        """Stop pulling and drop what was pulled; the thread stops the execution at its next block.
+
+        Args:
+            wait_s: seconds to wait for that (before shutting Ray down); 0 = do not wait.
+        """
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        if wait_s > 0:
+            self._thread.join(wait_s)
+
+
+_NEXT_EPOCH: dict[str, tuple[tuple, BlockStream, RankPlan]] = {}  # this process's prefetched epoch
+
+
+def _prefetch_epoch(cfg: Config, epoch: int, rank: int, world_size: int) -> None:
+    """Start ``epoch`` of ``rank`` (from its first sample) on a background thread."""
+    cancel_prefetch()
+    dataset, plan = build_train_dataset(cfg, epoch, rank, world_size)
+    stream = BlockStream(dataset, cfg.data.prefetch_batches, cfg.data.prefetch_batches)
+    _NEXT_EPOCH["next"] = ((cfg, epoch, rank, world_size), stream, plan)
+
+
+def _take_prefetched(cfg: Config, epoch: int, rank: int, world_size: int, skip_samples: int):
+    """The prefetched ``(stream, plan)`` if it is exactly this request, else None (and it is dropped)."""
+    key, stream, plan = _NEXT_EPOCH.pop("next", (None, None, None))
+    if stream is not None and skip_samples == 0 and key == (cfg, epoch, rank, world_size):
+        return stream, plan
+    if stream is not None:
+        stream.cancel()
+    return None
+
+
+def cancel_prefetch(wait_s: float = 60.0) -> None:
+    """Drop this process's prefetched next epoch, if any, and wait until its execution stopped.
+
+    Call it before ``ray.shutdown()`` in a process that ran whole epochs (tests, benchmarks):
+    otherwise the prefetch's execution is cut off mid-task and Ray Data logs errors.
+    """
+    _, stream, _ = _NEXT_EPOCH.pop("next", (None, None, None))
+    if stream is not None:
+        stream.cancel(wait_s)
+
+
 class TrainBatches:
     """Iterator over one rank's micro-batches of one epoch; times the wait in each ``next()``.
 
@@ -476,21 +636,28 @@ class TrainBatches:
         last_wait: seconds the latest ``next()`` blocked (the step's data wait).
         num_batches: micro-batches this iterator yields in total.
         plan: the :class:`RankPlan` being followed.
+        prefetched: whether the stream was started before this epoch was asked for.
     """
 
     def __init__(self, dataset, plan: RankPlan, micro_batch_size: int, prefetch_batches: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, on_blocks_done=None):
+        """``dataset``: a ``ray.data.Dataset`` or a :class:`BlockStream`; ``on_blocks_done()`` runs
+        once the last block has arrived (while the trainer still consumes the reorder buffer)."""
         self.plan = plan
+        self.prefetched = isinstance(dataset, BlockStream)
         self.wait_seconds = 0.0
         self.last_wait = 0.0
         remaining = plan.num_samples - plan.skip
         self.num_batches = remaining // micro_batch_size if drop_last else -(-remaining // micro_batch_size)
-        self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last)
+        self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last, on_blocks_done)
 
-    def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool):
-        blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+    def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool, on_blocks_done):
+        if self.prefetched:
+            blocks = iter(dataset)
+        else:
+            blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
         rows = []
-        for row in _in_order(blocks, self.plan.skip, self.plan.num_samples):
+        for row in _in_order(_then(blocks, on_blocks_done), self.plan.skip, self.plan.num_samples):
             rows.append(row)
             if len(rows) == micro_batch_size:
                 yield collate(rows)
@@ -510,9 +677,19 @@ class TrainBatches:
             self.wait_seconds += self.last_wait
 
 
+def _then(blocks: Iterator, done) -> Iterator:
+    yield from blocks
+    if done is not None:
+        done()
+
+
 def iter_train_batches(cfg: Config, epoch: int, rank: int = 0, world_size: int = 1,
                        skip_samples: int = 0, drop_last: bool = True) -> TrainBatches:
     """Rank ``rank``'s micro-batches of ``epoch`` in the epoch's fixed order (call in the worker).
+
+    With ``data.prefetch_next_epoch`` the next epoch's execution starts as soon as this epoch's
+    last block has arrived; a later call for exactly that epoch (from its start, same config)
+    continues it, any other call drops it. The samples are the same either way.
 
     Args:
         cfg: the run config (``run.seed``, ``data.*``, ``text.*``, ``train.micro_batch_size``).
@@ -527,5 +704,7 @@ def iter_train_batches(cfg: Config, epoch: int, rank: int = 0, world_size: int =
         int64 (−1 unknown), ``sample_index``/``epoch_position`` int64, ``pair_same_image`` bool,
         and lists ``study_id``, ``image_id``, ``image2_id``, ``caption``.
     """
-    dataset, plan = build_train_dataset(cfg, epoch, rank, world_size, skip_samples)
-    return TrainBatches(dataset, plan, cfg.train.micro_batch_size, cfg.data.prefetch_batches, drop_last)
+    taken = _take_prefetched(cfg, epoch, rank, world_size, skip_samples)
+    source, plan = taken or build_train_dataset(cfg, epoch, rank, world_size, skip_samples)
+    then = functools.partial(_prefetch_epoch, cfg, epoch + 1, rank, world_size) if cfg.data.prefetch_next_epoch else None
+    return TrainBatches(source, plan, cfg.train.micro_batch_size, cfg.data.prefetch_batches, drop_last, then)

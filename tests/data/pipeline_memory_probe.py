@@ -3,7 +3,8 @@
 Used by ``test_pipeline_memory.py`` in a subprocess (it needs its own object-store limit):
 ``python pipeline_memory_probe.py <work dir> <object store MB> <studies>``. Writes shards whose
 encoded images (incompressible noise) add up to many times the object store, streams an epoch
-through :func:`iter_train_batches`, and samples the object store and this process's RSS.
+through :func:`iter_train_batches` (its decoded samples are also more than the store), and
+samples the object store and this process's RSS.
 """
 
 from __future__ import annotations
@@ -78,17 +79,19 @@ def main(work: Path, store_mb: int, n_studies: int) -> None:
     temp = tempfile.mkdtemp(prefix="ray-mem-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     ray.init(address="local", num_cpus=2, object_store_memory=store_mb * 1024**2, include_dashboard=False,
              log_to_driver=False, _temp_dir=temp)
-    cfg = config.load("tiny_cpu", {"data.shards": str(work / "shards"), "data.image_size": 32,
+    # Output at the stored size: the decoded samples alone (≈ 190 MB) are ≈ 2.4× the store.
+    cfg = config.load("tiny_cpu", {"data.shards": str(work / "shards"), "data.image_size": SIDE,
                                    "train.micro_batch_size": 16, "data.map_batch_size": 32, "data.block_mb": 8})
     sampler = Sampler()
     sampler.sample()
     rss_before = sampler.peak_rss
     sampler.start()
-    # Rank 0 of 4 reads every shard (all bytes pass through the store) but decodes only a quarter.
+    # Rank 0 of 4 reads every shard (inside its map tasks) but decodes only a quarter.
     samples = sum(len(b["image_id"]) for b in pipeline.iter_train_batches(cfg, 0, rank=0, world_size=4, drop_last=False))
     sampler.stop.set()
     sampler.join()
     sampler.sample()
+    pipeline.cancel_prefetch()  # the next epoch started when this one's blocks were in
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
     print(json.dumps({"data_bytes": data_bytes, "store_limit": store_mb * 1024**2, "samples": samples,

@@ -23,7 +23,8 @@ def test_epoch_streams_a_data_set_many_times_the_object_store(tmp_path):
     m = json.loads(done.stdout.strip().splitlines()[-1])
     assert m["data_bytes"] >= 4.5 * m["store_limit"]  # the premise: far more data than store
     assert m["samples"] == STUDIES  # rank 0 of 4: every fourth of the 4 × STUDIES images
-    assert m["created"] >= m["data_bytes"]  # …and through the object store
+    # shard bytes are read inside the map tasks; the decoded samples (≈ 2.4× the store) pass through it
+    assert m["created"] >= 2 * m["store_limit"]
     assert m["peak_store"] <= m["store_limit"]
     assert m["spilled"] == 0  # streamed, never materialised (not even on disk)
     # the consumer holds a few blocks, not the data set (store pages it maps count in RSS)

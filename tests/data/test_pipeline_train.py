@@ -164,6 +164,35 @@ def test_restart_mid_epoch_yields_exactly_the_rest(epoch0):
     assert same_samples(resumed, rank1[5:])
 
 
+def test_next_epoch_is_prefetched_with_the_same_samples(epoch0):
+    cfg, _ = epoch0
+    fresh = config.override(cfg, {"data.prefetch_next_epoch": False})
+    assert cfg.data.prefetch_next_epoch  # the default
+    list(pipeline.iter_train_batches(cfg, 1, 1, 2))  # its last block starts epoch 2 of rank 1
+    it = pipeline.iter_train_batches(cfg, 2, 1, 2, drop_last=False)
+    assert it.prefetched
+    assert same_samples(rows_of(list(it)), run_epoch(fresh, epoch=2, rank=1, world=2))
+    # epoch 3 was prefetched meanwhile; a resumed request for it must not take that stream
+    resumed = pipeline.iter_train_batches(cfg, 3, 1, 2, skip_samples=MBS, drop_last=False)
+    assert not resumed.prefetched
+    assert same_samples(rows_of(list(resumed)), run_epoch(fresh, epoch=3, rank=1, world=2)[MBS:])
+    pipeline.cancel_prefetch()
+
+
+def test_work_items_read_whole_row_groups_once_and_only_where_needed():
+    # file a: 7 rows in row groups of 2, 2, 3; the split's studies are rows 0, 1, 3, 4, 6
+    index = pipeline.SplitIndex(
+        files=("a", "b"), study_ids=(("s0", "s1", "s2", "s3", "s4"), ("t0", "t1")),
+        counts=(np.ones(5, np.int64), np.ones(2, np.int64)),
+        rows=(np.array([0, 1, 3, 4, 6]), np.array([0, 1])), row_groups=((2, 2, 3), (2,)))
+    wanted = {"s0", "s3", "s4"}.__contains__  # rows 0 (group 0), 4 and 6 (group 2); nothing in b
+    # group 1 and file b are not read; rows 4, 6 are rows 0, 2 of group 2, after group 0's 2 rows
+    assert pipeline._work_items(index, [0, 1], wanted, 2) == [
+        {"path": "a", "row_groups": [0, 2], "take": [0, 2, 4]}]
+    assert pipeline._work_items(index, [1, 0], wanted, 1) == [
+        {"path": "a", "row_groups": [0], "take": [0]}, {"path": "a", "row_groups": [2], "take": [0, 2]}]
+
+
 def test_reading_from_s3_gives_the_same_samples(epoch0, s3_bucket, shard_set):
     cfg, rows = epoch0
     _, bucket = s3_bucket
