@@ -5,7 +5,8 @@ with every loss term on, AdamW and the same learning rates; the plain loop is wh
 write without Ray or DeepSpeed. Ours is the real ``TorchTrainer`` (1 worker, so the per-process
 batch is the same) running ``mama_ray.train.loop.train_loop``; its step time is the loop's own
 ``step_time_s`` metric (wall time per optimizer step, data wait and reports included) over the
-logged windows after the first.
+logged windows after the first. Both compute with the same number of torch threads: the worker
+uses its ``scaling.cpus_per_worker`` (``--cpus-per-worker``), and so does the plain loop.
 
     python bench/train_overhead.py --steps 40 --micro-batch 8 --stages 2 3
 """
@@ -54,12 +55,18 @@ class Repeat:
             yield self.batch
 
 
+def worker_threads(cfg) -> int:
+    """Torch threads a training worker computes with (what ``launch.train_func`` sets)."""
+    return max(1, int(cfg.scaling.cpus_per_worker))
+
+
 def plain_step_times(cfg, steps: int) -> list[float]:
-    """Seconds per optimizer step of a bare PyTorch loop (no Ray, no DeepSpeed)."""
+    """Seconds per optimizer step of a bare PyTorch loop (no Ray, no DeepSpeed), worker's thread count."""
     from mama_ray.losses import MamaObjective
     from mama_ray.models import build_model
     from mama_ray.models.tokenizer import load_tokenizer
 
+    torch.set_num_threads(worker_threads(cfg))
     torch.manual_seed(cfg.run.seed)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, tok).train()
@@ -97,11 +104,13 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    ap.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (= torch threads) of the worker and the plain loop")
     args = ap.parse_args()
     os.environ["DS_ACCELERATOR"] = "cpu"
     cfg = config.load("tiny_cpu", {"train.micro_batch_size": args.micro_batch, "train.max_steps": args.steps,
                                    "optim.warmup_steps": 1, "loss.late_loss_step": 0, "train.grad_accum": 1,
-                                   "train.eval_at_end": False})
+                                   "train.eval_at_end": False, "scaling.cpus_per_worker": args.cpus_per_worker})
+    load_before = os.getloadavg()[0]
     log_every = max(1, args.steps // 4)
     plain = statistics.mean(plain_step_times(cfg, args.steps)[log_every:])
     import ray
@@ -111,12 +120,13 @@ def main() -> None:
     rows += [("Ray Train + DeepSpeed, 1 worker", f"ZeRO-{s}", ours_step_time(cfg, s, 1, args.steps, log_every))
              for s in args.stages]
     ray.shutdown()
-    b = args.micro_batch
+    b, threads = args.micro_batch, worker_threads(cfg)
     print(f"tiny preset, {cfg.data.image_size} px, micro-batch {b}, text {cfg.text.max_len} tokens, all loss terms, "
-          f"{args.steps} steps (first {log_every} not timed), CPU fp32")
-    print("| loop | ZeRO | step time (ms) | samples/s | ratio to plain |\n|---|---|---|---|---|")
+          f"{args.steps} steps (first {log_every} not timed), CPU fp32, {threads} torch thread(s) in both loops; "
+          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print("| loop | ZeRO | threads | step time (ms) | samples/s | ratio to plain |\n|---|---|---|---|---|---|")
     for name, zero, t in rows:
-        print(f"| {name} | {zero} | {1000 * t:.1f} | {b / t:.1f} | {t / plain:.2f} |")
+        print(f"| {name} | {zero} | {threads} | {1000 * t:.1f} | {b / t:.1f} | {t / plain:.2f} |")
 
 
 if __name__ == "__main__":

@@ -179,6 +179,7 @@ class TrainConfig:
     micro_batch_size: int = 36  # samples per worker per forward pass
     grad_accum: int = 2  # micro-batches per optimizer step
     log_every: int = 10  # optimizer steps between metric reports
+    report_poll_s: float = 0.5  # seconds between Ray Train's collections of worker reports (Ray's default 2)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints
     keep_checkpoints: int = 3  # checkpoints kept (latest K)
     max_failures: int = 3  # worker-group restarts Ray Train allows (-1 = unlimited)
@@ -473,7 +474,7 @@ def _probability(cfg: Config, *paths: str) -> None:
 def validate(cfg: Config) -> None:
     """Checks that span fields or ranges; types and choices are checked while building."""
     _positive(cfg, "train.max_steps", "train.micro_batch_size", "train.grad_accum",
-              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "train.log_every", "train.report_poll_s", "train.checkpoint_every", "train.keep_checkpoints",
               "scaling.num_workers", "text.max_len", "data.image_size", "ingest.long_side", "data.block_mb",
               "model.lora.r", "optim.lr", "data.map_batch_size", "ingest.shard_mb")
     _probability(cfg, "data.second_view_prob", "text.mask_meta", "model.lora.dropout")

@@ -53,8 +53,15 @@ class RayTrainContext(TrainContext):
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+        if not checkpoint_dir:
+            # Train V2's controller takes one report per worker per poll (every 2 s) and a worker
+            # holds one, so a synchronous report waits for that poll. Metric-only reports go to
+            # Ray's upload thread instead, which keeps their order; the barrier stays synchronous.
+            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            return
+        # Synchronous: the folder is a temporary directory the loop deletes after this call.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=name)
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[str | None]:

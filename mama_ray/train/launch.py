@@ -22,6 +22,9 @@ from mama_ray.train.checkpoint import latest_checkpoint, read_train_state
 from mama_ray.train.metrics import METRICS_FILE
 
 DataFactory = Callable[[Config, int, int], Any]  # (cfg, rank, world_size) -> BatchSource
+# Train V2's controller polls the workers (health + one queued report each) at this interval; it
+# reads it in the process that calls ``fit()`` and passes it on to the controller.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 class PipelineSource:
@@ -52,6 +55,11 @@ def train_func(config: dict[str, Any]) -> None:
     """
     cfg = config_mod.from_dict(config["cfg"])
     import ray.data
+    import torch
+
+    # Ray sets OMP_NUM_THREADS to the reserved CPUs only when the driver's environment has none;
+    # either way the worker computes with the CPUs it reserved, no more (no oversubscription).
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the one to read
     if not cfg.scaling.use_gpu:
@@ -92,12 +100,15 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
         data_factory: batch source per rank (tests); default the Ray Data pipeline.
         build_model: model builder (tests); default ``mama_ray.models.build_model``.
     Returns:
-        A ``ray.train.torch.TorchTrainer``; ``.fit()`` runs it.
+        A ``ray.train.torch.TorchTrainer``; ``.fit()`` (in this process) runs it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     check_supported(cfg)
+    # A worker holds one report until the next poll, so Ray's 2 s default throttles every run that
+    # reports more often than that (docs/benchmarks.md, "Training overhead").
+    os.environ[POLL_ENV] = str(cfg.train.report_poll_s)
     opts = storage.StorageOptions.from_config(cfg.storage)
     fs, path = storage.filesystem(cfg.storage.run_dir, opts)
     storage.check_bucket(cfg.storage.run_dir, opts)

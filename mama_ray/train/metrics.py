@@ -45,7 +45,7 @@ class StepMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # each a 0-dim float64 tensor on the terms' device
         self.micro = 0
         self.steps = 0
         self.samples = 0
@@ -53,8 +53,11 @@ class StepMeter:
         self.start = time.perf_counter()
 
     def add_micro(self, terms: dict[str, torch.Tensor], samples: int, wait_s: float) -> None:
+        # Summed where the terms live: reading each one on the host (float(v)) would make a GPU wait
+        # for the step to finish every micro-batch. float64 adds exactly as Python floats did.
         for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+            x = v.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + x if k in self.sums else x
         self.micro += 1
         self.samples += samples
         self.wait += wait_s
@@ -62,7 +65,7 @@ class StepMeter:
     def summary(self, world_size: int) -> dict[str, float]:
         """Mean loss terms over micro-batches and ranks, plus throughput over the window."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        local = {k: v / max(self.micro, 1) for k, v in self.sums.items()}
+        local = {k: float(v) / max(self.micro, 1) for k, v in self.sums.items()}  # the window's one host read
         local["data_wait_frac"] = self.wait / elapsed
         out = rank_mean(local, world_size)
         out["samples_per_s"] = self.samples * world_size / elapsed

@@ -6,12 +6,15 @@ single-process references use the same loop in this process (LocalContext).
 
 import json
 import os
+import sys
 import threading
 import time
 
 import psutil
 import pytest
+import ray.train
 import torch
+from ray import cloudpickle
 
 from mama_ray import storage
 from mama_ray.train.checkpoint import latest_checkpoint
@@ -20,9 +23,20 @@ from mama_ray.train.launch import build_trainer, read_metrics, run_uri
 pytestmark = pytest.mark.integration
 
 
-def _fit(cfg, kit):
+def _fit(cfg, kit, callbacks=None):
     data = lambda c, rank, world: kit.SyntheticSource(c, rank, world)  # noqa: E731
-    return build_trainer(cfg, data_factory=data, build_model=kit.no_dropout_model).fit()
+    return build_trainer(cfg, data_factory=data, build_model=kit.no_dropout_model, callbacks=callbacks).fit()
+
+
+class ReportLog(ray.train.UserCallback):
+    """Appends what Ray Train's controller received from each report to a JSON-lines file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"ranks": metrics, "checkpoint": checkpoint is not None}) + "\n")
 
 
 def _local_weights(uri, kit):
@@ -54,10 +68,20 @@ def test_two_workers_equal_one_process(stage, ray_session, tmp_path, kit):
             "loss.mv_weight": 0.0,  # NT-Xent gathers the global batch: accumulation cannot reproduce it
             "storage.run_dir": str(tmp_path / "runs"), "run.name": f"eq{stage}", "train.checkpoint_every": 4}
     ray_cfg = kit.tiny_cfg(**over, **{"scaling.num_workers": 2})
-    _fit(ray_cfg, kit)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ReportLog runs in the controller
+    _fit(ray_cfg, kit, callbacks=[ReportLog(tmp_path / "reports.jsonl")])
     ref = kit.run_local(kit.tiny_cfg(**over, **{"train.grad_accum": 2}), tmp_path / "local")
     logged = read_metrics(run_uri(ray_cfg))
     assert [m["step"] for m in logged] == [1, 2, 3, 4]
+    # Steps 1–3 are reported without blocking (Ray's upload thread): all arrive, in order, with
+    # both ranks' rank-averaged metrics equal to rank 0's log; only step 4 carries the checkpoint.
+    received = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
+    steps = [r["ranks"][0]["step"] for r in received]
+    received = received[len(steps) - 1 - steps[::-1].index(1):]  # the last attempt (a restart repeats from 1)
+    assert [[m["step"] for m in r["ranks"]] for r in received] == [[1, 1], [2, 2], [3, 3], [4, 4]]
+    assert [r["checkpoint"] for r in received] == [False, False, False, True]
+    for r, mine in zip(received, logged, strict=True):
+        assert r["ranks"][0]["loss"] == r["ranks"][1]["loss"] == mine["loss"]
     for got, want in zip(logged, ref.reports, strict=True):
         for term in ("loss", "clip_loss", "clip2_loss", "sla_loss"):
             assert got[term] == pytest.approx(want[term], rel=1e-5, abs=1e-6), (got["step"], term)

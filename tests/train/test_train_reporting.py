@@ -1,0 +1,39 @@
+"""What the loop reports and how it reaches Ray: window means of the loss terms, the controller's poll interval."""
+
+import os
+
+import pytest
+import torch
+
+from mama_ray import config
+from mama_ray.config import ConfigError
+from mama_ray.train.launch import POLL_ENV, build_trainer
+from mama_ray.train.metrics import StepMeter
+
+
+def test_meter_sums_terms_in_float64():
+    """Terms stay tensors until the report and add in float64: the mean equals the Python-float mean."""
+    values = [0.1, 0.2, 0.3, 1e8 + 1.0]
+    f32 = [torch.tensor(v, dtype=torch.float32) for v in values]
+    meter = StepMeter()
+    for t in f32:
+        meter.add_micro({"loss": t, "clip_loss": 2 * t}, samples=4, wait_s=0.0)
+    meter.steps = 2
+    want = sum(float(t) for t in f32) / 4  # Python floats: float64, in this order
+    assert want != float(torch.stack(f32).sum()) / 4  # an fp32 accumulator would be off
+    got = meter.summary(world_size=1)
+    assert got["loss"] == want
+    assert got["clip_loss"] == sum(2 * float(t) for t in f32) / 4
+    assert got["data_wait_frac"] == 0.0
+
+
+def test_report_poll_interval_is_passed_to_ray(tmp_path, monkeypatch):
+    monkeypatch.setenv(POLL_ENV, "2.0")  # restored after the test
+    cfg = config.load("tiny_cpu", {"storage.run_dir": str(tmp_path), "train.report_poll_s": 0.25})
+    build_trainer(cfg)
+    assert os.environ[POLL_ENV] == "0.25"  # read by TorchTrainer.fit() in this process
+
+
+def test_report_poll_interval_must_be_positive():
+    with pytest.raises(ConfigError, match="train.report_poll_s"):
+        config.load("tiny_cpu", {"train.report_poll_s": 0})
