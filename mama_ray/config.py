@@ -75,7 +75,7 @@ class DataConfig:
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves
     prefetch_batches: int = 2  # Ray Data blocks prefetched by each training rank's iterator
-    prefetch_next_epoch: bool = True  # start the next epoch's stream once this epoch's blocks are all in
+    prefetch_next_epoch: bool = True  # start the next epoch's stream 3/4 through this one (hides its startup)
     block_mb: int = 32  # Ray Data target block size in MB (bounds each read/map object in the store)
 
 

@@ -14,7 +14,7 @@ Design (details and the reasons in ``docs/pipeline.md``):
   tokenise. Samples a resumed run already consumed (``j < skip_samples``) are not in the plan,
   so they are neither read nor decoded. Ray Data's dynamic block hand-out (``streaming_split``)
   cannot give exact resume, so ranks do not share one stream.
-* **The next epoch in advance.** Once an epoch's last block has arrived, its successor's
+* **The next epoch in advance.** Once 3/4 of an epoch's samples have arrived, its successor's
   execution starts on a background thread; asking for exactly that epoch continues it.
 * **Order restored on the consumer.** Blocks arrive in file order (``preserve_order``); a small
   reorder buffer (≈ ``shuffle_buffer / W`` samples) yields samples in ``j`` order, so the
@@ -597,6 +597,10 @@ class BlockStream:
 
 
 _NEXT_EPOCH: dict[str, tuple[tuple, BlockStream, RankPlan]] = {}  # this process's prefetched epoch
+# Share of an epoch's samples received before the next epoch starts: early enough to hide its
+# start behind the rest of this epoch, late enough that the two executions overlap only briefly
+# (each holds its own share of the object store; at one half, the bounded-memory test spilled).
+PREFETCH_AT = 0.75
 
 
 def _prefetch_epoch(cfg: Config, epoch: int, rank: int, world_size: int) -> None:
@@ -640,24 +644,26 @@ class TrainBatches:
     """
 
     def __init__(self, dataset, plan: RankPlan, micro_batch_size: int, prefetch_batches: int,
-                 drop_last: bool = True, on_blocks_done=None):
-        """``dataset``: a ``ray.data.Dataset`` or a :class:`BlockStream`; ``on_blocks_done()`` runs
-        once the last block has arrived (while the trainer still consumes the reorder buffer)."""
+                 drop_last: bool = True, on_most_received=None):
+        """``dataset``: a ``ray.data.Dataset`` or a :class:`BlockStream`; ``on_most_received()`` runs
+        once ``PREFETCH_AT`` of the samples have arrived (the reorder buffer pulls blocks only as it needs them,
+        so "all blocks in" would come a shuffle window before the end: too late to hide a start)."""
         self.plan = plan
         self.prefetched = isinstance(dataset, BlockStream)
         self.wait_seconds = 0.0
         self.last_wait = 0.0
         remaining = plan.num_samples - plan.skip
         self.num_batches = remaining // micro_batch_size if drop_last else -(-remaining // micro_batch_size)
-        self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last, on_blocks_done)
+        self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last, on_most_received)
 
-    def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool, on_blocks_done):
+    def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool, on_most_received):
         if self.prefetched:
             blocks = iter(dataset)
         else:
             blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
         rows = []
-        for row in _in_order(_then(blocks, on_blocks_done), self.plan.skip, self.plan.num_samples):
+        blocks = _on_most_received(blocks, self.plan.num_samples - self.plan.skip, on_most_received)
+        for row in _in_order(blocks, self.plan.skip, self.plan.num_samples):
             rows.append(row)
             if len(rows) == micro_batch_size:
                 yield collate(rows)
@@ -677,18 +683,25 @@ class TrainBatches:
             self.wait_seconds += self.last_wait
 
 
-def _then(blocks: Iterator, done) -> Iterator:
-    yield from blocks
-    if done is not None:
-        done()
+def _on_most_received(blocks: Iterator, total: int, callback) -> Iterator:
+    """Pass blocks through; call ``callback()`` once ``PREFETCH_AT`` of ``total`` samples have arrived."""
+    received, called = 0, callback is None
+    for block in blocks:
+        received += len(block["sample_index"])
+        if not called and received >= PREFETCH_AT * total:
+            called = True
+            callback()
+        yield block
+    if not called:
+        callback()
 
 
 def iter_train_batches(cfg: Config, epoch: int, rank: int = 0, world_size: int = 1,
                        skip_samples: int = 0, drop_last: bool = True) -> TrainBatches:
     """Rank ``rank``'s micro-batches of ``epoch`` in the epoch's fixed order (call in the worker).
 
-    With ``data.prefetch_next_epoch`` the next epoch's execution starts as soon as this epoch's
-    last block has arrived; a later call for exactly that epoch (from its start, same config)
+    With ``data.prefetch_next_epoch`` the next epoch's execution starts once 3/4 of this epoch's
+    samples have arrived; a later call for exactly that epoch (from its start, same config)
     continues it, any other call drops it. The samples are the same either way.
 
     Args:
