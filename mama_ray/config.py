@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import sys
 import types
 import typing
@@ -110,6 +111,7 @@ class TextTowerConfig:
     vocab_size: int = 0  # vocabulary before added tokens; 0 = the tokenizer's
     grad_ckpt: bool = False  # HF gradient checkpointing of the trunk
     train_pooling: Literal["mean", "first_pad"] = "mean"  # global text feature in training (§2.2)
+    train_trunk: bool = False  # also train every trunk weight, embeddings included (the method freezes the pretrained trunk; for a random-init trunk)
 
 
 @dataclass
@@ -522,13 +524,14 @@ def load_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
-def _doc_lines(cls: type, prefix: str, source: str) -> list[str]:
+def _doc_lines(cls: type, prefix: str) -> list[str]:
+    source = inspect.getsource(cls)  # this class's own lines: field names repeat across sections
     lines = []
     for f in dataclasses.fields(cls):
         tp = _hints(cls)[f.name]
         path = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            lines += _doc_lines(tp, path + ".", source)
+            lines += _doc_lines(tp, path + ".")
             continue
         comment = ""
         for line in source.splitlines():
@@ -543,9 +546,8 @@ def _doc_lines(cls: type, prefix: str, source: str) -> list[str]:
 
 def markdown_reference() -> str:
     """The field table of docs/config.md, from the comments in this file."""
-    src = Path(__file__).read_text()
     head = "| field | default | meaning |\n|---|---|---|\n"
-    return head + "\n".join(_doc_lines(Config, "", src)) + "\n"
+    return head + "\n".join(_doc_lines(Config, "")) + "\n"
 
 
 if __name__ == "__main__":

@@ -102,3 +102,11 @@ def test_docs_config_reference_is_current():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
     assert doc.endswith(C.markdown_reference()), "regenerate the table: python -m mama_ray.config --doc"
+
+
+def test_docs_reference_takes_each_field_comment_from_its_own_section():
+    ref = C.markdown_reference()
+    # grad_ckpt/weights/hidden_size exist in both tower sections with different comments
+    assert "| `model.text.grad_ckpt` | `False` | HF gradient checkpointing of the trunk |" in ref
+    assert "| `model.vision.grad_ckpt` | `False` | activation checkpointing of the ViT blocks |" in ref
+    assert "| `model.text.hidden_size` | `2560` | width |" in ref

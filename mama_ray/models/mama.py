@@ -204,5 +204,5 @@ def build_model(cfg: Config, tokenizer=None) -> MamaModel:
     vit = build_vit(m.vision, _weights_dir(m.vision.weights, cfg, "vision"))
     trunk = build_trunk(m.text, len(tokenizer), _weights_dir(m.text.weights, cfg, "text"))
     vision = VisionTower(vit, grad_ckpt=m.vision.grad_ckpt)
-    text = TextTower(trunk, m.text.arch, m.lora, grad_ckpt=m.text.grad_ckpt)
+    text = TextTower(trunk, m.text.arch, m.lora, grad_ckpt=m.text.grad_ckpt, train_trunk=m.text.train_trunk)
     return MamaModel(cfg, vision, text, tokenizer)

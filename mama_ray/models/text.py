@@ -81,9 +81,16 @@ def add_lora(trunk: PreTrainedModel, arch: str, lcfg: LoraConfig) -> nn.Module:
 
 
 class TextTower(nn.Module):
-    """Frozen trunk (+ LoRA); returns final hidden states and the pooled/sentence features."""
+    """Frozen trunk (+ LoRA); returns final hidden states and the pooled/sentence features.
 
-    def __init__(self, trunk: PreTrainedModel, arch: str, lcfg: LoraConfig, grad_ckpt: bool = False):
+    ``train_trunk`` makes every trunk weight trainable as well (``model.text.train_trunk``): the
+    method freezes a *pretrained* trunk and lets LoRA adapt it, but a randomly initialised trunk
+    (the tiny preset, with no weights to load) has nothing to adapt — frozen, its random token
+    embeddings barely separate the words a prompt differs in.
+    """
+
+    def __init__(self, trunk: PreTrainedModel, arch: str, lcfg: LoraConfig, grad_ckpt: bool = False,
+                 train_trunk: bool = False):
         super().__init__()
         self.hidden_size = trunk.config.hidden_size
         if grad_ckpt:
@@ -93,6 +100,8 @@ class TextTower(nn.Module):
             self.lm = add_lora(trunk, arch, lcfg)
         else:
             self.lm = trunk.requires_grad_(False)
+        if train_trunk:
+            self.lm.requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states B×L×C."""

@@ -64,8 +64,10 @@ def split_image_ids(eval_shards) -> list[str]:
 
 @pytest.fixture(scope="module")
 def eval_cfg(eval_shards) -> config.Config:
+    # The paper's first-pad text feature (tiny_cpu itself evaluates with the mean pool).
     return config.load("tiny_cpu", {"data.shards": str(eval_shards[0]), "eval.batch_size": 8,
-                                    "eval.concurrency": 1, "data.map_batch_size": 8})
+                                    "eval.concurrency": 1, "data.map_batch_size": 8,
+                                    "eval.text_feature": "first_pad"})
 
 
 @pytest.fixture(scope="module")

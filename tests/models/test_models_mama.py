@@ -125,6 +125,26 @@ def test_gradients_reach_only_trainable_parameters(cfg, tok):
     assert model.trainable_parameters() == [p for n, p in params.items() if n not in frozen]
 
 
+def test_train_trunk_makes_the_whole_text_trunk_trainable(cfg, tok):
+    frozen_model = make_model(cfg, tok)
+    model = make_model(cfg, tok, **{"model.text.train_trunk": True}).train()
+    img, _, enc = batch(tok)
+    out = model(img, enc["input_ids"], enc["attention_mask"], enc["sep_mask"], local=False)
+    torch.nn.functional.mse_loss(out["text_emb"], torch.zeros_like(out["text_emb"]) + 0.1).backward()
+    params = dict(model.named_parameters())
+    text = {n for n in params if n.startswith("text.")}
+    assert all(params[n].requires_grad for n in text)  # embeddings, blocks, final LN and LoRA
+    wte = next(n for n in text if n.endswith("wte.weight"))
+    used = enc["input_ids"].unique()
+    assert params[wte].grad[used].abs().sum(dim=1).gt(0).all()  # every token of the texts moves
+    # the vision side keeps the method's frozen parts; the frozen-trunk model trains fewer weights
+    assert not params["vision.vit.layernorm.weight"].requires_grad
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    n_frozen_run = sum(p.numel() for p in frozen_model.trainable_parameters())
+    trunk = sum(p.numel() for n, p in params.items() if n.startswith("text.") and "lora_" not in n)
+    assert n_trainable == n_frozen_run + trunk
+
+
 def test_local_parameters_are_local_heads_and_scale(cfg, tok):
     model = make_model(cfg, tok)
     names = {id(p): n for n, p in model.named_parameters()}
