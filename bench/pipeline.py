@@ -5,16 +5,19 @@
 Writes ``--studies`` synthetic studies (4 mammogram-like images each, long side ``--long-side``,
 PNG) as shards, then times ``--epochs`` training epochs back to back at ``--image-size``:
 
-* **ray**: ``iter_train_batches`` (rank 0 of 1, epochs 1…E) on a local Ray cluster of ``--cpus``
-  CPUs, after an untimed warm-up epoch 0 that starts the worker processes and their imports (its
-  prefetch of epoch 1 is dropped, so the first timed epoch starts cold);
+* **ray**: ``iter_train_batches`` (rank 0 of 1, epochs 1…E, each prefetching the next but the
+  last) on a local Ray cluster of ``--cpus`` CPUs, after an untimed warm-up epoch 0 that starts
+  the worker processes and their imports (its prefetch of epoch 1 is dropped, so the first
+  timed epoch starts cold);
 * **dataloader**: ``torch.utils.data.DataLoader(num_workers=--cpus, persistent_workers=True)``
   over an IterableDataset that reads the same shards with pyarrow (files dealt to workers) and
   runs the pipeline's own map function on them — the same decode, pairing, augmentation, caption
   and tokenisation code, without restoring the epoch's order.
 
 Peak memory is the peak summed PSS of this process and all its descendants (Ray's raylet, GCS,
-object store and workers; the DataLoader's workers), sampled every 0.25 s. Prints one table.
+object store and workers; the DataLoader's workers), sampled every 0.25 s. CPU seconds are
+those the same process tree spent in the timed part: unlike wall time they stay comparable on
+a loaded machine. Prints one table.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch.utils.data  # noqa: E402
 
-from mama_ray.config import Config, load  # noqa: E402
+from mama_ray.config import Config, load, override  # noqa: E402
 from mama_ray.data import pipeline  # noqa: E402
 from mama_ray.data.schema import SHARD_SCHEMA  # noqa: E402
 from mama_ray.data.shards import encode_image  # noqa: E402
 from mama_ray.data.synthetic import synth_image  # noqa: E402
 
 STUDIES_PER_FILE = 16
+NICENESS = "RAY_worker_niceness"  # Ray's setting for the nice value of its worker processes
 
 
 def write_shards(root: Path, n_studies: int, long_side: int) -> None:
@@ -68,6 +72,16 @@ def write_shards(root: Path, n_studies: int, long_side: int) -> None:
     for f, start in enumerate(range(0, n_studies, STUDIES_PER_FILE)):
         table = pa.Table.from_pylist(rows[start : start + STUDIES_PER_FILE], schema=SHARD_SCHEMA)
         pq.write_table(table, root / f"shard-{f:04d}.parquet", compression="zstd", row_group_size=4)
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live descendants so far."""
+    total = 0.0
+    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 class PeakPss(threading.Thread):
@@ -95,8 +109,8 @@ class PeakPss(threading.Thread):
         self.join()
 
 
-def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float]:
-    """(samples, seconds, peak bytes, data-wait seconds) of ``epochs`` epochs through the Ray pipeline."""
+def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float, float]:
+    """(samples, seconds, peak bytes, data-wait seconds, CPU seconds) of ``epochs`` epochs through Ray."""
     import ray
 
     with PeakPss() as mem:
@@ -105,16 +119,17 @@ def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, flo
         ray.data.DataContext.get_current().enable_progress_bars = False
         list(pipeline.iter_train_batches(cfg, 0))
         pipeline.cancel_prefetch()
-        samples, wait, start = 0, 0.0, time.perf_counter()
+        samples, wait, cpu, start = 0, 0.0, tree_cpu_seconds(), time.perf_counter()
+        last = override(cfg, {"data.prefetch_next_epoch": False})  # no wasted start of epoch E + 1
         for epoch in range(1, epochs + 1):
-            it = pipeline.iter_train_batches(cfg, epoch)
+            it = pipeline.iter_train_batches(cfg if epoch < epochs else last, epoch)
             samples += sum(len(b["image_id"]) for b in it)
             wait += it.wait_seconds
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu
         pipeline.cancel_prefetch()
         ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
-    return samples, seconds, mem.peak, wait
+    return samples, seconds, mem.peak, wait, cpu
 
 
 class ShardSamples(torch.utils.data.IterableDataset):
@@ -135,16 +150,16 @@ class ShardSamples(torch.utils.data.IterableDataset):
                     yield pipeline.train_batch(pa.Table.from_batches([rb]), self.cfg, self.plan)
 
 
-def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float]:
-    """(samples, seconds, peak bytes) of ``epochs`` epochs through a DataLoader with ``cpus`` workers."""
+def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float]:
+    """(samples, seconds, peak bytes, CPU seconds) of ``epochs`` epochs through a DataLoader."""
     pipeline.tokenize(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
     with PeakPss() as mem:
         loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
                                              prefetch_factor=2, persistent_workers=True)
-        start = time.perf_counter()
+        cpu, start = tree_cpu_seconds(), time.perf_counter()
         samples = sum(len(b["image_id"]) for _ in range(epochs) for b in loader)
-        seconds = time.perf_counter() - start
-    return samples, seconds, mem.peak
+        seconds, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu  # workers still alive
+    return samples, seconds, mem.peak, cpu
 
 
 def main() -> None:
@@ -156,19 +171,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     args = ap.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
+    # Ray starts its workers at nice 15 (the DataLoader's run at 0): on a machine with any other
+    # load that alone starves Ray's map tasks. Compare at equal priority unless told otherwise.
+    os.environ.setdefault(NICENESS, "0")
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(Path(tmp) / "shards", args.studies, args.long_side)
         cfg = load("tiny_cpu", {"data.shards": str(Path(tmp) / "shards"), "data.image_size": args.image_size,
                                 "train.micro_batch_size": 8, "data.map_batch_size": 16})
-        r_n, r_s, r_mem, r_wait = run_ray(cfg, args.cpus, args.epochs)
-        d_n, d_s, d_mem = run_dataloader(cfg, args.cpus, args.epochs)
+        r_n, r_s, r_mem, r_wait, r_cpu = run_ray(cfg, args.cpus, args.epochs)
+        d_n, d_s, d_mem, d_cpu = run_dataloader(cfg, args.cpus, args.epochs)
     print(f"{args.studies} studies × 4 images, stored long side {args.long_side}, out {args.image_size}², "
-          f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}")
-    print("| pipeline | pairs | s | pairs/s | peak PSS MB | note |\n|---|---|---|---|---|---|")
-    print(f"| Ray Data (iter_train_batches) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_mem / 2**20:.0f} | "
-          f"data wait {r_wait:.1f} s |")
-    print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_mem / 2**20:.0f} | |")
-    print(f"| ratio Ray / DataLoader | | | {(r_n / r_s) / (d_n / d_s):.2f} | {r_mem / d_mem:.2f} | |")
+          f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}; "
+          f"Ray worker niceness {os.environ[NICENESS]}")
+    print("| pipeline | pairs | s | pairs/s | CPU s | pairs/CPU-s | peak PSS MB | note |\n|---|---|---|---|---|---|---|---|")
+    print(f"| Ray Data (iter_train_batches) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu:.1f} | {r_n / r_cpu:.1f} | "
+          f"{r_mem / 2**20:.0f} | data wait {r_wait:.1f} s |")
+    print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_cpu:.1f} | {d_n / d_cpu:.1f} | "
+          f"{d_mem / 2**20:.0f} | |")
+    print(f"| ratio Ray / DataLoader | | | {(r_n / r_s) / (d_n / d_s):.2f} | | {(r_n / r_cpu) / (d_n / d_cpu):.2f} | "
+          f"{r_mem / d_mem:.2f} | |")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ collate hands the trainer B×3×S×S uint8 as a broadcast view. Normalisation ha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import queue
@@ -603,18 +604,25 @@ _NEXT_EPOCH: dict[str, tuple[tuple, BlockStream, RankPlan]] = {}  # this process
 PREFETCH_AT = 0.75
 
 
+def _stream_key(cfg: Config, epoch: int, rank: int, world_size: int) -> tuple:
+    # The flag decides only whether a stream starts its successor, not what the stream holds:
+    # a last epoch asked for with prefetch off still continues the stream started for it.
+    return (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefetch_next_epoch=True)),
+            epoch, rank, world_size)
+
+
 def _prefetch_epoch(cfg: Config, epoch: int, rank: int, world_size: int) -> None:
     """Start ``epoch`` of ``rank`` (from its first sample) on a background thread."""
     cancel_prefetch()
     dataset, plan = build_train_dataset(cfg, epoch, rank, world_size)
     stream = BlockStream(dataset, cfg.data.prefetch_batches, cfg.data.prefetch_batches)
-    _NEXT_EPOCH["next"] = ((cfg, epoch, rank, world_size), stream, plan)
+    _NEXT_EPOCH["next"] = (_stream_key(cfg, epoch, rank, world_size), stream, plan)
 
 
 def _take_prefetched(cfg: Config, epoch: int, rank: int, world_size: int, skip_samples: int):
     """The prefetched ``(stream, plan)`` if it is exactly this request, else None (and it is dropped)."""
     key, stream, plan = _NEXT_EPOCH.pop("next", (None, None, None))
-    if stream is not None and skip_samples == 0 and key == (cfg, epoch, rank, world_size):
+    if stream is not None and skip_samples == 0 and key == _stream_key(cfg, epoch, rank, world_size):
         return stream, plan
     if stream is not None:
         stream.cancel()
@@ -701,8 +709,8 @@ def iter_train_batches(cfg: Config, epoch: int, rank: int = 0, world_size: int =
     """Rank ``rank``'s micro-batches of ``epoch`` in the epoch's fixed order (call in the worker).
 
     With ``data.prefetch_next_epoch`` the next epoch's execution starts once 3/4 of this epoch's
-    samples have arrived; a later call for exactly that epoch (from its start, same config)
-    continues it, any other call drops it. The samples are the same either way.
+    samples have arrived; a later call for exactly that epoch (from its start, same config but
+    for this flag) continues it, any other call drops it. The samples are the same either way.
 
     Args:
         cfg: the run config (``run.seed``, ``data.*``, ``text.*``, ``train.micro_batch_size``).

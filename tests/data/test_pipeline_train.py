@@ -168,11 +168,14 @@ def test_next_epoch_is_prefetched_with_the_same_samples(epoch0):
     cfg, _ = epoch0
     fresh = config.override(cfg, {"data.prefetch_next_epoch": False})
     assert cfg.data.prefetch_next_epoch  # the default
-    list(pipeline.iter_train_batches(cfg, 1, 1, 2))  # its last block starts epoch 2 of rank 1
-    it = pipeline.iter_train_batches(cfg, 2, 1, 2, drop_last=False)
+    list(pipeline.iter_train_batches(cfg, 1, 1, 2))  # 3/4 through, it starts epoch 2 of rank 1
+    it = pipeline.iter_train_batches(fresh, 2, 1, 2, drop_last=False)  # flag off: takes it, starts none
     assert it.prefetched
-    assert same_samples(rows_of(list(it)), run_epoch(fresh, epoch=2, rank=1, world=2))
-    # epoch 3 was prefetched meanwhile; a resumed request for it must not take that stream
+    prefetched = rows_of(list(it))
+    assert not pipeline.iter_train_batches(cfg, 3, 1, 2).prefetched
+    assert same_samples(prefetched, run_epoch(fresh, epoch=2, rank=1, world=2))
+    # a resumed request must not take the stream started for the epoch's beginning
+    list(pipeline.iter_train_batches(cfg, 2, 1, 2))
     resumed = pipeline.iter_train_batches(cfg, 3, 1, 2, skip_samples=MBS, drop_last=False)
     assert not resumed.prefetched
     assert same_samples(rows_of(list(resumed)), run_epoch(fresh, epoch=3, rank=1, world=2)[MBS:])
