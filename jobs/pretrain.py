@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import init_ray, run_main  # noqa: E402
+from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -31,9 +31,7 @@ def main() -> int:
     cfg = load_from_args(args)
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reaches local workers; attached ones get it via train_func
-    # A local cluster gets at least 6 logical CPUs: ingest, the workers' data streams and the
-    # evaluation actors must all be schedulable at once even on a 2-core laptop.
-    init_ray(num_cpus=max(6, os.cpu_count() or 1))
+    init_ray(num_cpus=max(MIN_TRAINING_CPUS, os.cpu_count() or 1))
     from mama_ray.train.launch import run_pretrain
 
     summary = run_pretrain(cfg, resume_from=args.resume_from)

@@ -19,6 +19,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+# Logical CPUs a local cluster for training gets at least: ingest, both workers' data streams
+# and the evaluation actors must be schedulable at once even on a 2-core laptop.
+MIN_TRAINING_CPUS = 6
+
 # Driver variables a cluster's workers need but would not otherwise see: on a `ray start` cluster
 # workers inherit the raylet's environment, not the driver's (docs/pitfalls.md).
 FORWARDED_PREFIXES = ("AWS_", "DS_", "MAMA_")

@@ -29,6 +29,7 @@ from typing import Any
 from mama_ray import config as config_mod
 from mama_ray import storage
 from mama_ray.config import Config, ConfigError
+from mama_ray.runtime import MIN_TRAINING_CPUS
 from mama_ray.train.launch import build_trainer, run_uri
 
 ZERO_SHOT_PREFIX = "zero_shot_"  # metrics only the end-of-trial evaluation reports
@@ -75,13 +76,12 @@ def report_count(cfg: Config) -> int:
 def local_cpus(cfg: Config) -> int:
     """Logical CPUs for a local cluster: the concurrent trials' drivers and workers, plus data tasks.
 
-    At least 6, as for ``jobs/pretrain.py``: ingest, the workers' data streams and the evaluation
-    actors must be schedulable at once. Oversubscribing a small laptop is deliberate; an attached
-    cluster keeps its own count.
+    At least ``MIN_TRAINING_CPUS``, as for ``jobs/pretrain.py``. Oversubscribing a small laptop is
+    deliberate; an attached cluster keeps its own count.
     """
     t, s = cfg.tune, cfg.scaling
     per_trial = t.driver_cpus + s.num_workers * s.cpus_per_worker
-    return max(6, os.cpu_count() or 1, math.ceil(t.max_concurrent * per_trial) + 2)
+    return max(MIN_TRAINING_CPUS, os.cpu_count() or 1, math.ceil(t.max_concurrent * per_trial) + 2)
 
 
 def _examples(domain: Any) -> list[Any]:

@@ -536,6 +536,11 @@ def _in_order(blocks: Iterator[dict[str, np.ndarray]], start: int, stop: int):
     assert expected == stop and not pending, f"stream ended at sample {expected} of {stop}"
 
 
+def _blocks(dataset, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+    """A dataset's output blocks as numpy column dicts, as they come (the consumer orders them)."""
+    return dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+
+
 class BlockStream:
     """A dataset's blocks pulled on a background thread into a bounded queue.
 
@@ -555,7 +560,7 @@ class BlockStream:
         self._thread.start()
 
     def _pull(self, dataset, prefetch_batches: int) -> None:
-        blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+        blocks = _blocks(dataset, prefetch_batches)
         try:
             for block in blocks:
                 if not self._put(block):
@@ -665,10 +670,7 @@ class TrainBatches:
         self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last, on_most_received)
 
     def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool, on_most_received):
-        if self.prefetched:
-            blocks = iter(dataset)
-        else:
-            blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+        blocks = iter(dataset) if self.prefetched else _blocks(dataset, prefetch_batches)
         rows = []
         blocks = _on_most_received(blocks, self.plan.num_samples - self.plan.skip, on_most_received)
         for row in _in_order(blocks, self.plan.skip, self.plan.num_samples):
