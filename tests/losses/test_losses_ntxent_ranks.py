@@ -71,6 +71,9 @@ WORKER = textwrap.dedent("""
     loss = ntxent_loss(x1, x2, 0.5, gather=True)
     loss.backward()
     torch.save((loss.detach(), x1.grad, x2.grad), sys.argv[2] + f".{rank}")
+    # Both ranks reach teardown together: a rank that exits while gloo still talks to the other
+    # can abort in gloo's destructor ("terminate called without an active exception", rc -6).
+    dist.barrier()
     dist.destroy_process_group()
 """)
 
