@@ -5,13 +5,13 @@
 Writes ``--studies`` synthetic studies (4 mammogram-like images each, long side ``--long-side``,
 PNG) as shards, then times ``--epochs`` training epochs back to back at ``--image-size``:
 
-* **ray**: ``iter_train_batches`` (rank 0 of 1, epochs 1…E, each prefetching the next but the
+* **ray**: ``TrainStream.epoch`` (rank 0 of 1, epochs 1…E, each prefetching the next but the
   last) on a local Ray cluster of ``--cpus`` CPUs, after an untimed warm-up epoch 0 that starts
   the worker processes and their imports (its prefetch of epoch 1 is dropped, so the first
   timed epoch starts cold);
 * **dataloader**: ``torch.utils.data.DataLoader(num_workers=--cpus, persistent_workers=True)``
   over an IterableDataset that reads the same shards with pyarrow (files dealt to workers) and
-  runs the pipeline's own map function on them — the same decode, pairing, augmentation, caption
+  runs the pipeline's own per-sample functions on them — the same decode, pairing, augmentation, caption
   and tokenisation code, without restoring the epoch's order.
 
 Peak memory is the peak summed PSS of this process and all its descendants (Ray's raylet, GCS,
@@ -41,11 +41,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch.utils.data  # noqa: E402
 
-from mama_ray.config import Config, load, override  # noqa: E402
+from mama_ray.config import Config, load  # noqa: E402
 from mama_ray.data import pipeline  # noqa: E402
 from mama_ray.data.schema import SHARD_SCHEMA  # noqa: E402
 from mama_ray.data.shards import encode_image  # noqa: E402
 from mama_ray.data.synthetic import synth_image  # noqa: E402
+from mama_ray.storage import StorageOptions  # noqa: E402
 
 STUDIES_PER_FILE = 16
 NICENESS = "RAY_worker_niceness"  # Ray's setting for the nice value of its worker processes
@@ -117,17 +118,17 @@ def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, flo
         temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")  # short: socket paths must fit 107 bytes
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        last = override(cfg, {"data.prefetch_next_epoch": False})  # no wasted start of epoch E + 1
+        stream = pipeline.TrainStream(cfg)
         # Warm up without a prefetch: a cancelled one's in-flight tasks would hold the CPUs for
         # seconds into the timed epoch.
-        list(pipeline.iter_train_batches(last, 0))
+        list(stream.epoch(0, prefetch_next=False))
         samples, wait, cpu, start = 0, 0.0, tree_cpu_seconds(), time.perf_counter()
         for epoch in range(1, epochs + 1):
-            it = pipeline.iter_train_batches(cfg if epoch < epochs else last, epoch)
+            it = stream.epoch(epoch, prefetch_next=epoch < epochs)  # no wasted start of epoch E + 1
             samples += sum(len(b["image_id"]) for b in it)
             wait += it.wait_seconds
         seconds, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu
-        pipeline.cancel_prefetch()
+        stream.close()
         ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
     return samples, seconds, mem.peak, wait, cpu
@@ -139,8 +140,10 @@ class ShardSamples(torch.utils.data.IterableDataset):
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.plan = pipeline.rank_plan(cfg, 0, 0, 1)
-        self.fs, self.files = pipeline.shard_paths(cfg.data.shards, pipeline.storage.StorageOptions())
+        index = pipeline.split_index(cfg, "train")
+        ids = [sid for file_ids in index.study_ids for sid in file_ids]
+        self.first = dict(zip(ids, index.flat.study_first.tolist(), strict=True))  # study → its first q
+        self.fs, self.files = pipeline.shard_paths(cfg.data.shards, StorageOptions())
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -148,7 +151,12 @@ class ShardSamples(torch.utils.data.IterableDataset):
         for path in self.files[wid::nw]:
             with self.fs.open_input_file(path) as f:
                 for rb in pq.ParquetFile(f).iter_batches(batch_size=4, columns=pipeline.READ_COLUMNS):
-                    yield pipeline.train_batch(pa.Table.from_batches([rb]), self.cfg, self.plan)
+                    yield pipeline.train_columns(self.cfg, [
+                        {**pipeline.train_sample(self.cfg, study, slot, 0, q), "sample_index": q,
+                         "epoch_position": q, "sample_id": q}
+                        for study in pa.Table.from_batches([rb]).to_pylist()
+                        for slot in range(len(pipeline.usable_images(study)))
+                        for q in [self.first[study["study_id"]] + slot]])
 
 
 def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float]:
@@ -185,7 +193,7 @@ def main() -> None:
           f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}; "
           f"Ray worker niceness {os.environ[NICENESS]}")
     print("| pipeline | pairs | s | pairs/s | CPU s | pairs/CPU-s | peak PSS MB | note |\n|---|---|---|---|---|---|---|---|")
-    print(f"| Ray Data (iter_train_batches) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu:.1f} | {r_n / r_cpu:.1f} | "
+    print(f"| Ray Data (TrainStream) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu:.1f} | {r_n / r_cpu:.1f} | "
           f"{r_mem / 2**20:.0f} | data wait {r_wait:.1f} s |")
     print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_cpu:.1f} | {d_n / d_cpu:.1f} | "
           f"{d_mem / 2**20:.0f} | |")

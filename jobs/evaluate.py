@@ -1,10 +1,12 @@
-"""Evaluate a MaMA checkpoint: zero-shot, linear probe, fine-tuning, retrieval, attention maps.
+r"""Evaluate a MaMA checkpoint: zero-shot, linear probe, fine-tuning, retrieval, attention maps.
 
+    mama-evaluate --checkpoint ~/.cache/mama-ray/runs/mama-tiny     # newest checkpoint of a run
     python jobs/evaluate.py --checkpoint s3://bucket/runs/mama/checkpoint_00040000 \
         [--tasks zero_shot,probe,retrieval,attention] [--out s3://bucket/eval/mama] \
         [--config base] [--set eval.balanced_test=true]
 
---checkpoint may also name a run folder (its newest checkpoint is used). Without --config the
+--checkpoint may also name a run folder: its newest checkpoint, or with --which best the best one
+by train.best_metric (<run>/best). Without --config the
 run's own config (saved in the checkpoint) is used; --set overrides either. Results:
 metrics.json + PNGs under --out (default: <checkpoint>/eval). Tasks: zero_shot, probe,
 finetune, retrieval, attention.
@@ -17,24 +19,27 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mama_ray.runtime import init_ray, run_main  # noqa: E402
+from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
 
 
 def main() -> int:
     from mama_ray.eval import DEFAULT_TASKS, evaluate, format_table
-    from mama_ray.eval.runner import eval_config, resolve_checkpoint
+    from mama_ray.eval.runner import WHICH, eval_config, resolve_checkpoint
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = job_parser(__doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (path or s3://)")
+    ap.add_argument("--which", default="latest", choices=WHICH,
+                    help="for a run folder: its newest checkpoint or the best by train.best_metric (<run>/best)")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), type=_tasks, help="comma-separated evaluation tasks")
     ap.add_argument("--out", default=None, help="output folder or s3:// prefix (default <checkpoint>/eval)")
     ap.add_argument("--config", default=None, help="preset or YAML (default: the checkpoint's own config)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v",
                     help="override a config field (repeatable)")
-    args = ap.parse_args()
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    args = parse_args(ap)
+    checkpoint = resolve_checkpoint(args.checkpoint, args.which)
     cfg = eval_config(checkpoint, args.config, args.overrides)
     init_ray()
     metrics = evaluate(cfg, checkpoint, args.tasks, args.out)
@@ -63,5 +68,10 @@ def _short(m: dict) -> dict:
     return {task: {f: round(r["balanced_accuracy"], 4) for f, r in by_f.items()} for task, by_f in m.items()}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pyproject.toml`` [project.scripts])."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,26 +1,28 @@
 """Write an EMBED-like synthetic data set: DICOM MG files plus EMBED-named CSV tables.
 
-    python jobs/make_synthetic.py --out /tmp/synthetic --studies 64 --seed 42
-    python jobs/prepare_data.py --dicoms /tmp/synthetic/dicoms --tables /tmp/synthetic/tables --out /tmp/shards
+    mama-make-synthetic --out /tmp/synthetic --studies 64 --seed 42
+    python jobs/make_synthetic.py --out s3://bucket/synthetic --studies 1000   # from a checkout
+    mama-prepare-data --dicoms /tmp/synthetic/dicoms --tables /tmp/synthetic/tables --out /tmp/shards \
+        --set ingest.pseudonym_key=~/.mama-ray-pseudonym.key   # a key file you made (docs/ingest.md)
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mama_ray.runtime import run_main  # noqa: E402
+from mama_ray.runtime import job_parser, parse_args, run_main  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = job_parser(__doc__)
     ap.add_argument("--out", required=True, help="folder or s3:// prefix (gets dicoms/ and tables/)")
     ap.add_argument("--studies", type=int, default=64, help="number of studies (4 images each)")
     ap.add_argument("--seed", type=int, default=42, help="everything follows from it")
-    args = ap.parse_args()
+    args = parse_args(ap)
     from mama_ray.data.synthetic import make_synthetic
 
     dicoms, tables = make_synthetic(args.out, args.studies, args.seed)
@@ -28,5 +30,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pyproject.toml`` [project.scripts])."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,8 +1,9 @@
 """Pretrain MaMA with Ray Train + DeepSpeed; with no arguments, the small default run on a laptop.
 
-    python jobs/pretrain.py                                   # synthetic data, tiny model, 2 CPU workers
+    mama-pretrain                                             # synthetic data, tiny model, 2 CPU workers
+    python jobs/pretrain.py --log-level warning               # the same from a checkout, quieter
     ray job submit -- python jobs/pretrain.py --config base --set scaling.num_workers=8
-    python jobs/pretrain.py --resume-from s3://bucket/runs/old/checkpoint_00004000
+    mama-pretrain --resume-from s3://bucket/runs/old/checkpoint_00004000
 
 Starting the same run (same run.name and storage.run_dir) again resumes from its latest
 checkpoint; a run that already reached train.max_steps is reported as complete, not retrained.
@@ -11,28 +12,30 @@ The last two lines printed are ``run_dir: URI`` and ``checkpoint: URI``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, run_main  # noqa: E402
+from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, job_parser, parse_args, run_main  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = job_parser(__doc__)
     add_config_args(ap)
     ap.add_argument("--resume-from", default="", metavar="URI",
                     help="checkpoint to start from when the run has none of its own (local or s3://)")
-    args = ap.parse_args()
+    args = parse_args(ap)
     cfg = load_from_args(args)
+    from mama_ray.train.launch import check_data, run_pretrain
+
+    check_data(cfg)  # a wrong data.shards fails here, not after Ray started
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reaches local workers; attached ones get it via train_func
     init_ray(num_cpus=max(MIN_TRAINING_CPUS, os.cpu_count() or 1))
-    from mama_ray.train.launch import run_pretrain
 
     summary = run_pretrain(cfg, resume_from=args.resume_from)
     import ray
@@ -44,5 +47,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pyproject.toml`` [project.scripts])."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import sys
 import types
 import typing
@@ -46,8 +47,8 @@ class StorageConfig:
     run_dir: str = "~/.cache/mama-ray/runs"  # URI (path, file://, s3://) holding run folders
     cache_dir: str = "~/.cache/mama-ray"  # local folder for the default synthetic data set
     endpoint_url: str = ""  # S3-compatible endpoint (else AWS_ENDPOINT_URL, else AWS)
-    region: str = ""  # S3 region; empty = from the AWS config chain
-    retries: int = 5  # attempts for transient S3 errors on uploads/downloads
+    region: str = ""  # S3 region; empty = the AWS chain (env, profile), else the bucket's own
+    retries: int = 5  # attempts per S3 request (pyarrow's and botocore's standard retry, the only retry layer)
 
 
 @dataclass
@@ -59,7 +60,10 @@ class IngestConfig:
     shard_mb: int = 256  # target shard size in MB (a study never spans two shards)
     row_group_studies: int = 64  # studies per Parquet row group
     studies_per_shard: int = 0  # planned studies per shard; 0 = estimated from shard_mb and long_side
-    concurrency: int = 0  # most study tasks at once (caps S3 load); 0 = as many as CPUs allow
+    concurrency: int = 0  # most ingest tasks (a few studies each) at once (caps S3 load); 0 = as CPUs allow
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of every ingest task, e.g. {ingest_cpu: 1}
+    pseudonym_key: str = ""  # HMAC key for ids and paths: env:NAME or a key file / s3:// URI (never the key itself)
+    keep_source_paths: bool = False  # store each image's full input URI; false = its path relative to --dicoms, pseudonymised
     admit_non_mg: bool = False  # folder mode: ingest non-mammography modalities instead of quarantining
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train/val/test, by patient
 
@@ -70,11 +74,12 @@ class DataConfig:
     synthetic_studies: int = 64  # studies generated for the default synthetic set
     image_size: int = 518  # side of the square training image (method §1.6)
     second_view_prob: float = 0.5  # probability that x2 is another image of the same study (§1.5)
-    shuffle_buffer: int = 64  # local shuffle buffer in samples (after per-epoch shard shuffle)
+    plan_window: int = 512  # samples per ordering window of a rank (at least; one map task reads and emits one)
     augment: bool = True  # SimCLR-style train augmentation (§1.6); false = eval transform
     map_batch_size: int = 16  # samples per Ray Data map_batches call
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves
+    map_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each preprocessing task reserves, e.g. {ingest_cpu: 1}: runs them on the nodes that have them
     prefetch_batches: int = 2  # Ray Data blocks prefetched by each training rank's iterator
     prefetch_next_epoch: bool = True  # start the next epoch's stream 3/4 through this one (hides its startup)
     block_mb: int = 32  # Ray Data target block size in MB (bounds each read/map object in the store)
@@ -187,6 +192,9 @@ class TrainConfig:
     max_failures: int = 3  # worker-group restarts Ray Train allows (-1 = unlimited)
     eval_at_end: bool = True  # run the zero-shot evaluation when training ends
     stop_at_step: int = 0  # end this launch cleanly (with a checkpoint) after this step; 0 = at max_steps
+    val_every: int = 1000  # optimizer steps between validations on the val split (and at the end); 0 = off
+    best_metric: str = "val_loss"  # validation metric that picks the best checkpoint (kept under <run>/best)
+    best_mode: Literal["min", "max"] = "min"  # whether best_metric is minimised or maximised
 
 
 @dataclass
@@ -206,13 +214,15 @@ class EvalConfig:
     data_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # probe data shares
     retrieval_k: list[int] = field(default_factory=lambda: [1, 5, 10])  # recall@K for retrieval
     attention_images: int = 4  # images drawn with sentence→patch heatmaps
+    val_zero_shot: bool = False  # also report zero-shot density/BI-RADS balanced accuracy at each validation
 
 
 @dataclass
 class TuneConfig:
     space: str = "tiny"  # named search space in tune/search_spaces.py
+    search: Literal["random", "optuna"] = "random"  # sampler: seeded random, or Optuna's TPE (OptunaSearch); ASHA stops trials either way
     num_samples: int = 4  # trials
-    metric: str = "loss"  # metric ASHA watches
+    metric: str = "val_clip_loss"  # metric ASHA and best_config.yaml rank trials by (unweighted: the loss_weights space cannot scale it)
     mode: Literal["min", "max"] = "min"  # whether the metric is minimised or maximised
     grace_period: int = 2  # reports before ASHA may stop a trial
     reduction_factor: int = 2  # ASHA halving rate
@@ -298,6 +308,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 _fail(path, f"expected a number, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, int | float):
             _fail(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML reads .nan / .inf; no field means anything by them
+            _fail(path, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, bool) or value is None:
@@ -455,21 +467,28 @@ def override(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
 # --------------------------------------------------------------------------------------------
 
 
+def _value(cfg: Config, path: str) -> Any:
+    v: Any = cfg
+    for k in path.split("."):
+        v = getattr(v, k)
+    return v
+
+
 def _positive(cfg: Config, *paths: str) -> None:
     for p in paths:
-        v: Any = cfg
-        for k in p.split("."):
-            v = getattr(v, k)
-        if v <= 0:
+        if (v := _value(cfg, p)) <= 0:
             _fail(p, f"must be > 0, got {v!r}")
+
+
+def _non_negative(cfg: Config, *paths: str) -> None:
+    for p in paths:
+        if (v := _value(cfg, p)) < 0:
+            _fail(p, f"must be >= 0, got {v!r}")
 
 
 def _probability(cfg: Config, *paths: str) -> None:
     for p in paths:
-        v: Any = cfg
-        for k in p.split("."):
-            v = getattr(v, k)
-        if not 0.0 <= v <= 1.0:
+        if not 0.0 <= (v := _value(cfg, p)) <= 1.0:
             _fail(p, f"must be a probability in [0, 1], got {v!r}")
 
 
@@ -478,8 +497,19 @@ def validate(cfg: Config) -> None:
     _positive(cfg, "train.max_steps", "train.micro_batch_size", "train.grad_accum",
               "train.log_every", "train.report_poll_s", "train.checkpoint_every", "train.keep_checkpoints",
               "scaling.num_workers", "text.max_len", "data.image_size", "ingest.long_side", "data.block_mb",
-              "model.lora.r", "optim.lr", "data.map_batch_size", "ingest.shard_mb")
+              "model.lora.r", "optim.lr", "data.map_batch_size", "ingest.shard_mb", "data.plan_window",
+              "storage.retries")
+    if not all(isinstance(v, int | float) and v > 0 for v in cfg.data.map_resources.values()):
+        _fail("data.map_resources", f"needs positive amounts per resource, got {cfg.data.map_resources!r}")
     _probability(cfg, "data.second_view_prob", "text.mask_meta", "model.lora.dropout")
+    # Settings that can only diverge or undo the objective are refused, not trained into NaN.
+    _positive(cfg, "loss.ntxent_temperature", "optim.eps")
+    _non_negative(cfg, "loss.clip_weight", "loss.clip2_weight", "loss.mv_weight", "loss.sla_weight",
+                  "optim.min_lr", "optim.weight_decay", "optim.grad_clip")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        _fail("optim.min_lr", f"{cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        _fail("optim.betas", f"each beta must be in [0, 1), got {cfg.optim.betas!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         _fail("deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not one of [0, 1, 2, 3]")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
@@ -491,16 +521,40 @@ def validate(cfg: Config) -> None:
         _fail("eval.data_fractions", f"needs shares in (0, 1], got {cfg.eval.data_fractions!r}")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         _fail("optim.warmup_steps", f"{cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}")
+    if any(v <= 0 for v in cfg.ingest.resources.values()):
+        _fail("ingest.resources", f"needs positive amounts, got {cfg.ingest.resources!r}")
+    if cfg.ingest.concurrency < 0:
+        _fail("ingest.concurrency", f"must be ≥ 0, got {cfg.ingest.concurrency!r}")
     fr = cfg.ingest.split_fractions
     if len(fr) != 3 or abs(sum(fr) - 1.0) > 1e-6 or min(fr) < 0:
         _fail("ingest.split_fractions", f"needs three non-negative shares summing to 1, got {fr!r}")
     v = cfg.model.vision
+    _check_validation(cfg)
     if v.image_size % v.patch_size:
         _fail("model.vision.image_size", f"{v.image_size} is not a multiple of patch_size {v.patch_size}")
     if cfg.model.text.hidden_size % cfg.model.text.num_heads:
         _fail("model.text.hidden_size", "must be a multiple of model.text.num_heads")
     if v.hidden_size % v.num_heads:
         _fail("model.vision.hidden_size", "must be a multiple of model.vision.num_heads")
+
+
+VAL_LOSS_METRICS = ("val_loss", "val_clip_loss", "val_clip2_loss", "val_mv_loss", "val_sla_loss")
+VAL_RETRIEVAL_METRICS = ("val_i2t_r1", "val_i2t_r5", "val_t2i_r1", "val_t2i_r5")
+VAL_ZERO_SHOT_METRICS = ("val_density_balanced_accuracy", "val_birads_balanced_accuracy")
+
+
+def val_metrics(cfg: Config) -> tuple[str, ...]:
+    """The metrics each validation reports (mama_ray.train.validate), given the config."""
+    return VAL_LOSS_METRICS + VAL_RETRIEVAL_METRICS + (VAL_ZERO_SHOT_METRICS if cfg.eval.val_zero_shot else ())
+
+
+def _check_validation(cfg: Config) -> None:
+    if cfg.train.val_every < 0:
+        _fail("train.val_every", f"must be >= 0 (0 = no validation), got {cfg.train.val_every}")
+    if cfg.train.best_metric not in val_metrics(cfg):
+        _fail("train.best_metric", f"{cfg.train.best_metric!r} is not a validation metric; choose from "
+              f"{', '.join(val_metrics(cfg))}" + ("" if cfg.eval.val_zero_shot else
+                                                  " (zero-shot ones need eval.val_zero_shot=true)"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,22 +7,41 @@ S3-compatible server (MinIO, moto, Ceph).
 
 User mistakes — a missing bucket, bad credentials, an unreachable endpoint — raise
 :class:`StorageError` with one readable line, never a botocore stack trace.
+
+Retries live in one layer, the AWS SDKs' own: pyarrow's ``AwsStandardS3RetryStrategy`` and
+botocore's ``standard`` retry mode, both limited to ``storage.retries`` attempts per request
+(throttling, 5xx and connection errors, with jittered exponential back-off). Nothing here loops
+on top of them. Folder copies stream in chunks, several files at once, and skip every file whose
+checksum (the S3 ETag; MD5 for a local file) says it is already there — so a worker that finds
+the weights in its node's cache fetches nothing.
+
+The region is ``storage.region`` if set, else the AWS chain (``AWS_REGION``/``AWS_DEFAULT_REGION``,
+the profile's config), else — on AWS itself — the bucket's own region (``resolve_s3_region``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import logging
 import os
-import random
-import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+COPY_THREADS = 8  # files copied at once by upload_dir/download_dir
+CHUNK_BYTES = 8 * 1024**2  # bytes held per file in flight while copying
+SYNC_RECORD = ".mama-sync.json"  # in a downloaded folder: the ETag of every file fetched
+SYNC_LOCK = ".mama-sync.lock"  # in a downloaded folder: held while one process syncs it
 
 
 class StorageError(OSError):
@@ -32,8 +51,8 @@ class StorageError(OSError):
 @dataclass(frozen=True)
 class StorageOptions:
     endpoint_url: str = ""  # S3-compatible endpoint; empty = AWS_ENDPOINT_URL or AWS
-    region: str = ""  # empty = AWS_REGION / AWS_DEFAULT_REGION / us-east-1
-    retries: int = 5  # attempts for transient errors
+    region: str = ""  # empty = the AWS chain, else the bucket's region
+    retries: int = 5  # attempts per request (the SDKs' standard retry mode)
 
     @classmethod
     def from_config(cls, storage_cfg) -> StorageOptions:
@@ -48,8 +67,29 @@ def _endpoint(opts: StorageOptions) -> str:
     return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL", "")
 
 
-def _region(opts: StorageOptions) -> str:
-    return opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+def _chain_region() -> str:
+    """The region the AWS chain names (environment, profile config), or ""."""
+    import boto3
+
+    return boto3.session.Session().region_name or ""
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError as e:
+        raise _explain(f"s3://{bucket}", e) from None
+
+
+def _region(opts: StorageOptions, bucket: str = "") -> str | None:
+    """``storage.region``, else the AWS chain's, else (AWS only) the bucket's; None = SDK default."""
+    if opts.region:
+        return opts.region
+    chain = _chain_region()
+    if chain or _endpoint(opts) or not bucket:
+        return chain or None  # an S3-compatible server's region is whatever the chain says
+    return _bucket_region(bucket)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -73,7 +113,10 @@ def filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileS
         if not parsed.netloc:
             raise StorageError(f"{uri}: an s3:// URI needs a bucket name (s3://bucket/prefix)")
         endpoint = _endpoint(opts)
-        kwargs = {"region": _region(opts), "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=opts.retries)}
+        kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=opts.retries)}
+        region = _region(opts, parsed.netloc)
+        if region:
+            kwargs["region"] = region
         if endpoint:
             e = urlparse(endpoint)
             kwargs.update(endpoint_override=e.netloc or e.path, scheme=e.scheme or "https")
@@ -94,7 +137,8 @@ def s3_client(opts: StorageOptions | None = None):
         "s3",
         endpoint_url=_endpoint(opts) or None,
         region_name=_region(opts),
-        config=BotoConfig(retries={"max_attempts": opts.retries, "mode": "standard"}),
+        # total_max_attempts counts the first try, as pyarrow's max_attempts does
+        config=BotoConfig(retries={"total_max_attempts": opts.retries, "mode": "standard"}),
     )
 
 
@@ -122,35 +166,28 @@ def _explain(uri: str, err: Exception) -> StorageError:
     return StorageError(f"{uri}: {text.splitlines()[0][:300] if text else type(err).__name__}")
 
 
-def _transient(err: Exception) -> bool:
-    low = str(err).lower()
-    return any(s in low for s in ("slowdown", "throttl", "timeout", "timed out", "connection reset",
-                                  "internalerror", "service unavailable", "503", "500 ", "broken pipe"))
+@contextlib.contextmanager
+def translated(uri: str) -> Iterator[None]:
+    """Run a storage call; its error becomes one :class:`StorageError` line (retries happened below)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow and botocore raise many types
+        raise _explain(uri, e) from None
 
 
-def with_retries(fn: Callable[[], T], uri: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn``; retry transient storage errors with jittered exponential back-off."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except StorageError:
-            raise
-        except Exception as e:  # noqa: BLE001 - classified below
-            if i + 1 < attempts and _transient(e):
-                time.sleep(base_delay * (2**i) * (1 + random.random()))
-                continue
-            raise _explain(uri, e) from None
-    raise AssertionError("unreachable")
+def with_retries(fn, uri: str, attempts: int | None = None, base_delay: float | None = None):
+    """Deprecated: ``fn()`` with its error translated (:func:`translated`). It no longer retries —
+    the SDKs do, ``storage.retries`` attempts per request; ``attempts``/``base_delay`` are ignored."""
+    with translated(uri):
+        return fn()
 
 
 def read_bytes(uri: str, opts: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(uri, opts)
-
-    def _read() -> bytes:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-
-    return with_retries(_read, uri, (opts or StorageOptions()).retries)
+    with translated(uri), fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> None:
@@ -163,25 +200,21 @@ def write_bytes(uri: str, data: bytes, opts: StorageOptions | None = None) -> No
         tmp.write_bytes(data)
         os.replace(tmp, p)
         return
-
-    def _write() -> None:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-
-    with_retries(_write, uri, (opts or StorageOptions()).retries)
+    with translated(uri), fs.open_output_stream(path) as f:
+        f.write(data)
 
 
 def exists(uri: str, opts: StorageOptions | None = None) -> bool:
     fs, path = filesystem(uri, opts)
-    info = with_retries(lambda: fs.get_file_info(path), uri)
-    return info.type != pafs.FileType.NotFound
+    with translated(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_files(uri: str, suffix: str = "", opts: StorageOptions | None = None) -> list[str]:
     """All files under a URI prefix (recursive), as URIs of the same scheme, sorted."""
     fs, path = filesystem(uri, opts)
-    sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
-    infos = with_retries(lambda: fs.get_file_info(sel), uri)
+    with translated(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
     return [f"s3://{f}" if is_s3(uri) else f for f in files]
 
@@ -195,11 +228,12 @@ def makedirs(uri: str, opts: StorageOptions | None = None) -> None:
 def delete(uri: str, opts: StorageOptions | None = None) -> None:
     """Delete a file or a whole directory/prefix; missing is fine."""
     fs, path = filesystem(uri, opts)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        with_retries(lambda: fs.delete_dir(path), uri)
-    elif info.type == pafs.FileType.File:
-        with_retries(lambda: fs.delete_file(path), uri)
+    with translated(uri):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
 
 
 def check_bucket(uri: str, opts: StorageOptions | None = None) -> None:
@@ -219,28 +253,132 @@ def check_bucket(uri: str, opts: StorageOptions | None = None) -> None:
         raise _explain(uri, e) from None
 
 
-def upload_dir(local_dir: str | Path, uri: str, opts: StorageOptions | None = None) -> None:
-    """Copy a local folder to a URI (recursively), retrying transient errors per file."""
+# ---- folder copies ---------------------------------------------------------------------------
+
+def md5_file(path: Path) -> bytes:
+    """MD5 digest of a file, read in chunks."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.digest()
+
+
+def same_content(path: Path, etag: str) -> bool:
+    """Whether a local file has the content an S3 ETag describes.
+
+    A single PutObject's ETag is the MD5; a one-part multipart upload's (what pyarrow writes) is
+    MD5(MD5) + ``-1``. A many-part ETag depends on the part sizes, so it never matches (the
+    file is copied again).
+    """
+    if "-" not in etag:
+        return md5_file(path).hex() == etag
+    if etag.endswith("-1"):
+        return hashlib.md5(md5_file(path), usedforsecurity=False).hexdigest() + "-1" == etag
+    return False
+
+
+def s3_objects(uri: str, opts: StorageOptions | None = None) -> dict[str, tuple[str, int]]:
+    """``{relative key: (ETag, size)}`` of every object under an s3:// prefix (one LIST per 1000)."""
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    out = {}
+    with translated(uri):
+        for page in s3_client(opts).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                out[obj["Key"][len(prefix):]] = (obj["ETag"].strip('"'), int(obj["Size"]))
+    return out
+
+
+def _copy_all(pairs: list[tuple[str, str]], src_fs: pafs.FileSystem, dst_fs: pafs.FileSystem, uri: str) -> None:
+    """Copy ``(source path, destination path)`` pairs, COPY_THREADS files at a time, streamed in
+    CHUNK_BYTES pieces (a multi-GB file never sits in memory whole)."""
+    def one(pair: tuple[str, str]) -> None:
+        if isinstance(dst_fs, pafs.LocalFileSystem):
+            Path(pair[1]).parent.mkdir(parents=True, exist_ok=True)
+        with translated(uri):
+            pafs.copy_files(pair[0], pair[1], source_filesystem=src_fs, destination_filesystem=dst_fs,
+                            chunk_size=CHUNK_BYTES, use_threads=False)
+
+    with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+        list(pool.map(one, pairs))
+
+
+def upload_dir(local_dir: str | Path, uri: str, opts: StorageOptions | None = None) -> int:
+    """Copy a local folder to a URI (recursively); returns the number of files transferred.
+
+    To S3, a file whose object is there with the same size and content (:func:`same_content`)
+    is skipped.
+    """
     local_dir = Path(local_dir)
-    for f in sorted(local_dir.rglob("*")):
-        if f.is_file():
-            write_bytes(join(uri, f.relative_to(local_dir).as_posix()), f.read_bytes(), opts)
+    files = sorted(f for f in local_dir.rglob("*") if f.is_file() and f.name not in (SYNC_RECORD, SYNC_LOCK))
+    rels = [f.relative_to(local_dir).as_posix() for f in files]
+    fs, base = filesystem(uri, opts)
+    if not is_s3(uri):
+        Path(base).mkdir(parents=True, exist_ok=True)
+        _copy_all([(str(f), f"{base}/{r}") for f, r in zip(files, rels, strict=True)], pafs.LocalFileSystem(), fs, uri)
+        return len(files)
+    have = s3_objects(uri, opts)
+    todo = [(str(f), f"{base}/{r}") for f, r in zip(files, rels, strict=True)
+            if r not in have or have[r][1] != f.stat().st_size or not same_content(f, have[r][0])]
+    _copy_all(todo, pafs.LocalFileSystem(), fs, uri)
+    log.debug("upload %s → %s: %d of %d files transferred", local_dir, uri, len(todo), len(files))
+    return len(todo)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One process at a time syncs a folder (workers on a node share the cache)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / SYNC_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _stale(remote: dict[str, tuple[str, int]], local_dir: Path) -> list[str]:
+    """Keys whose local copy is missing, of another size, or recorded with another ETag."""
+    record_path = local_dir / SYNC_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    return [k for k, (etag, size) in sorted(remote.items())
+            if record.get(k) != etag or not (local_dir / k).is_file() or (local_dir / k).stat().st_size != size]
+
+
+def _write_record(local_dir: Path, record: dict[str, str]) -> None:
+    tmp = local_dir / f"{SYNC_RECORD}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=0, sort_keys=True))
+    os.replace(tmp, local_dir / SYNC_RECORD)
 
 
 def download_dir(uri: str, local_dir: str | Path, opts: StorageOptions | None = None) -> Path:
-    """Copy everything under a URI prefix into a local folder; returns the folder."""
+    """Copy everything under a URI prefix into a local folder; returns the folder.
+
+    From S3, only objects whose ETag or size differ from the last download into this folder
+    (``.mama-sync.json``) are fetched, so a cache folder is filled once however many workers ask.
+    """
     local_dir = Path(local_dir)
     fs, base = filesystem(uri, opts)
-    for f in list_files(uri, opts=opts):
-        rel = f.removeprefix("s3://")[len(base):].lstrip("/")
-        dest = local_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(read_bytes(f, opts))
+    if not is_s3(uri):
+        files = list_files(uri, opts=opts)
+        pairs = [(f, str(local_dir / f[len(base):].lstrip("/"))) for f in files]
+        _copy_all(pairs, fs, pafs.LocalFileSystem(), uri)
+        return local_dir
+    with _locked(local_dir):
+        remote = s3_objects(uri, opts)
+        stale = _stale(remote, local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        # forget the stale keys first: a copy cut short is fetched again next time
+        _write_record(local_dir, {k: e for k, (e, _) in remote.items() if k not in set(stale)})
+        _copy_all([(f"{base}/{k}", str(local_dir / k)) for k in stale], fs, pafs.LocalFileSystem(), uri)
+        _write_record(local_dir, {k: e for k, (e, _) in remote.items()})
+        log.debug("download %s → %s: %d of %d files transferred", uri, local_dir, len(stale), len(remote))
     return local_dir
 
 
 def local_copy(uri: str, cache_dir: str | Path, opts: StorageOptions | None = None) -> Path:
-    """A local folder with the contents of ``uri``: the folder itself if local, else a download."""
+    """A local folder with the contents of ``uri``: the folder itself if local, else a cached download."""
     if not is_s3(uri):
         return Path(filesystem(uri)[1])
     bucket, key = split_s3(uri)

@@ -5,7 +5,12 @@ A sweep is a ``ray.tune.Tuner`` over a search space that maps dotted config fiel
 sweep's config with :func:`mama_ray.config.override`, builds the run's trainer with
 :func:`mama_ray.train.launch.build_trainer` plus a ``TuneReportCallback`` (the Ray Train V2 + Tune
 integration; ``Tuner(trainer)`` is deprecated) and fits it. Every training report (each
-``train.log_every`` steps) becomes one Tune result — ASHA's time unit. With ``train.eval_at_end``
+``train.log_every`` steps, each validation and each checkpoint) becomes one Tune result — ASHA's
+time unit. The default ``tune.metric`` is ``val_clip_loss``, reported by each validation
+(``train.val_every``): trials are ranked on a number no loss weight scales, and a sweep that
+varies a ``loss.*_weight`` while ranking by a weighted total (``loss``, ``val_loss``) is refused
+before it starts. Results without the metric (training-only reports between validations) are
+skipped by ASHA. With ``train.eval_at_end``
 a trial ends with one more result that adds the zero-shot balanced accuracies
 (``zero_shot_birads_balanced_accuracy``, ``zero_shot_density_balanced_accuracy``).
 
@@ -23,6 +28,7 @@ import csv
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,10 @@ from mama_ray.runtime import MIN_TRAINING_CPUS
 from mama_ray.train.launch import build_trainer, run_uri
 
 ZERO_SHOT_PREFIX = "zero_shot_"  # metrics only the end-of-trial evaluation reports
+VAL_PREFIX = "val_"  # metrics only validation steps report
+WEIGHTED_METRICS = ("loss", "val_loss")  # totals the loss weights scale
+UNWEIGHTED_SUGGESTION = ("val_clip_loss", "val_clip2_loss", "val_mv_loss", "val_sla_loss", "val_i2t_r1",
+                         "val_t2i_r1")
 TIME_ATTR = "training_iteration"  # ASHA counts Tune results (one per training report)
 
 
@@ -65,12 +75,14 @@ def best_config(cfg: Config, params: dict[str, Any]) -> Config:
 
 
 def report_count(cfg: Config) -> int:
-    """Training reports of one run: every ``log_every`` and ``checkpoint_every`` step and the last."""
+    """Training reports of one run: every ``log_every``, ``val_every`` and ``checkpoint_every`` step and the last."""
     from mama_ray.train.loop import stop_step
+    from mama_ray.train.validate import is_val_step
 
     stop = stop_step(cfg)
     return sum(1 for s in range(1, stop + 1)
-               if s % cfg.train.log_every == 0 or s % cfg.train.checkpoint_every == 0 or s == stop)
+               if s % cfg.train.log_every == 0 or s % cfg.train.checkpoint_every == 0 or s == stop
+               or is_val_step(cfg, s, stop))
 
 
 def local_cpus(cfg: Config) -> int:
@@ -105,6 +117,8 @@ def check_space(cfg: Config, space: dict[str, Any]) -> None:
 
 
 def check_tune_settings(cfg: Config) -> None:
+    from mama_ray.train.loop import stop_step
+
     t = cfg.tune
     if t.num_samples < 1:
         raise ConfigError(f"config field 'tune.num_samples': must be >= 1, got {t.num_samples}")
@@ -116,6 +130,40 @@ def check_tune_settings(cfg: Config) -> None:
     if t.metric.startswith(ZERO_SHOT_PREFIX) and not cfg.train.eval_at_end:
         raise ConfigError(f"config field 'tune.metric': {t.metric!r} is reported by the end-of-trial "
                           "zero-shot evaluation; set train.eval_at_end=true")
+    if t.metric.startswith(VAL_PREFIX):
+        if t.metric not in config_mod.val_metrics(cfg):
+            raise ConfigError(f"config field 'tune.metric': {t.metric!r} is not a validation metric; choose from "
+                              f"{', '.join(config_mod.val_metrics(cfg))}")
+        if cfg.train.val_every == 0:
+            raise ConfigError(f"config field 'tune.metric': {t.metric!r} is reported by validation during "
+                              "training, which train.val_every=0 turns off; set train.val_every > 0")
+        if cfg.train.val_every >= stop_step(cfg):
+            warnings.warn(f"train.val_every={cfg.train.val_every} ≥ the trial's {stop_step(cfg)} steps: "
+                          f"{t.metric} is reported once, at the end, so ASHA cannot stop a trial early; "
+                          "lower train.val_every", stacklevel=2)
+
+
+def weighted_fields(space: dict[str, Any]) -> list[str]:
+    """The loss weights a search space varies (``loss.*_weight``)."""
+    return sorted(k for k in space if k.startswith("loss.") and k.endswith("_weight"))
+
+
+def check_metric_against_space(cfg: Config, space: dict[str, Any]) -> None:
+    """A weighted total cannot rank trials whose weights differ: it favours the smallest weights."""
+    varied = weighted_fields(space)
+    if varied and cfg.tune.metric in WEIGHTED_METRICS:
+        raise ConfigError(
+            f"config field 'tune.metric': {cfg.tune.metric!r} is the weighted sum of the loss terms, and the "
+            f"search space varies {', '.join(varied)}: trials would be ranked by their weights, not by what "
+            f"they learnt. Rank by an unweighted validation metric, e.g. --set tune.metric=val_clip_loss "
+            f"(or {', '.join(UNWEIGHTED_SUGGESTION[1:])}; R@1 with tune.mode=max)")
+
+
+def check_sweep(cfg: Config, space: dict[str, Any]) -> None:
+    """Every check a sweep makes before anything starts (ConfigError naming the field)."""
+    check_tune_settings(cfg)
+    check_space(cfg, space)
+    check_metric_against_space(cfg, space)
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,11 +228,41 @@ def _storage(cfg: Config, sweep: str) -> tuple[Any, str]:
     return (fs if storage.is_s3(sweep) else None), path
 
 
+def searcher(cfg: Config, space: dict[str, Any]):
+    """The search algorithm ``tune.search`` names, seeded by ``run.seed``, at most
+    ``tune.max_concurrent`` trials at once.
+
+    ``random``: Tune's ``BasicVariantGenerator`` (independent samples; grid_search expands).
+    ``optuna``: Ray Tune's ``OptunaSearch`` (TPE, ``TPESampler(seed=run.seed)``: its first 10
+    trials are seeded random samples, later ones model the results so far) behind a
+    ``ConcurrencyLimiter``. Both run under ASHA, which stops weak trials either way.
+    """
+    t = cfg.tune
+    if t.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # The concurrency limit goes on the seeded generator: Tune ignores TuneConfig's
+        # max_concurrent_trials when a BasicVariantGenerator is passed in.
+        return BasicVariantGenerator(max_concurrent=t.max_concurrent, random_state=cfg.run.seed)
+    grids = sorted(k for k, v in space.items() if isinstance(v, dict) and "grid_search" in v)
+    if grids:
+        raise ConfigError(f"config field 'tune.search': optuna cannot search the grid of {', '.join(grids)}; "
+                          "use tune.search=random or a sampled domain")
+    try:
+        import optuna  # noqa: F401 - OptunaSearch needs it; say so before any trial starts
+    except ImportError:
+        raise ConfigError("config field 'tune.search': optuna is not installed "
+                          "(pip install 'mama-ray[optuna]')") from None
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=t.max_concurrent)
+
+
 def new_tuner(cfg: Config, space: dict[str, Any], sweep: str):
-    """A fresh ``Tuner``: ASHA on ``tune.metric``, seeded sampling, at most ``tune.max_concurrent`` trials."""
+    """A fresh ``Tuner``: ASHA on ``tune.metric``, seeded :func:`searcher`, at most ``tune.max_concurrent`` trials."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = cfg.tune
     fs, path = _storage(cfg, sweep)
@@ -192,11 +270,8 @@ def new_tuner(cfg: Config, space: dict[str, Any], sweep: str):
     # zero-shot report) instead of being stopped at its last training report.
     asha = ASHAScheduler(time_attr=TIME_ATTR, max_t=report_count(cfg), grace_period=t.grace_period,
                          reduction_factor=t.reduction_factor, stop_last_trials=False)
-    # The concurrency limit goes on the seeded generator: Tune ignores TuneConfig's
-    # max_concurrent_trials when a BasicVariantGenerator is passed in.
-    search = BasicVariantGenerator(max_concurrent=t.max_concurrent, random_state=cfg.run.seed)
     tune_config = tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=asha, num_samples=t.num_samples,
-                                  search_alg=search)
+                                  search_alg=searcher(cfg, space))
     parent, name = path.rstrip("/").rsplit("/", 1)
     run_config = tune.RunConfig(name=name, storage_path=parent, storage_filesystem=fs,
                                 failure_config=tune.FailureConfig(max_failures=0))
@@ -233,10 +308,9 @@ def run_sweep(cfg: Config, space: dict[str, Any], resume: bool = False) -> Sweep
     Returns:
         A :class:`SweepOutcome`. Needs Ray to be initialised.
     """
-    check_tune_settings(cfg)
-    check_space(cfg, space)
-    if cfg.tune.metric.startswith(ZERO_SHOT_PREFIX):
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # training results lack it by design
+    check_sweep(cfg, space)
+    if cfg.tune.metric.startswith((ZERO_SHOT_PREFIX, VAL_PREFIX)):
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # some training results lack it by design
     from mama_ray.train.launch import with_default_data
 
     cfg = with_default_data(cfg)
@@ -261,7 +335,8 @@ def run_sweep(cfg: Config, space: dict[str, Any], resume: bool = False) -> Sweep
 
 
 def trial_rows(cfg: Config, grid) -> list[dict[str, Any]]:
-    """One row per trial of a ``ResultGrid``: id, status, reports, step, the metric, the sample; best first.
+    """One row per trial of a ``ResultGrid``: id, status, reports, step, the metric, the trial's last
+    validation metrics, the sample; best first.
 
     A trial is complete when its run reached its last step (a trial resumed mid-run by ``--resume``
     reports fewer times than ``max_t`` yet completes), else it was stopped early.
@@ -276,6 +351,7 @@ def trial_rows(cfg: Config, grid) -> list[dict[str, Any]]:
         status = "error" if result.error else ("complete" if step >= last_step else "stopped early")
         rows.append({"trial": m.get("trial_id") or os.path.basename(result.path), "status": status,
                      "reports": int(m.get(TIME_ATTR, 0)), "step": step, metric: m.get(metric, math.nan),
+                     **{k: m[k] for k in config_mod.val_metrics(cfg) if k in m and k != metric},
                      **dict(sorted((result.config or {}).items()))})
     return rank_rows(rows, metric, cfg.tune.mode)
 
@@ -322,7 +398,8 @@ def summarise(cfg: Config, grid, sweep: str) -> SweepOutcome:
     best = rows[0] if rows else None
     if best is None or best["status"] == "error" or math.isnan(float(best[cfg.tune.metric])):
         raise RuntimeError(f"no trial of the sweep at {sweep} reported '{cfg.tune.metric}'; see its trial logs")
-    params = {k: best[k] for k in best if k not in ("trial", "status", "reports", "step", cfg.tune.metric)}
+    params = {k: best[k] for k in best if k not in ("trial", "status", "reports", "step", cfg.tune.metric)
+              and k not in config_mod.val_metrics(cfg)}
     best_cfg = best_config(cfg, params)
     opts = storage.StorageOptions.from_config(cfg.storage)
     table = markdown_table(rows)

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 RAY_CPUS = 6  # logical CPUs of the session cluster (oversubscribed on purpose)
+# The session cluster has no dashboard, so no state API for Train's run tracking; set before any
+# test builds a trainer (build_trainer turns tracking on where the variable is unset).
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 
 
 def free_port() -> int:
@@ -73,7 +76,6 @@ def ray_session(s3_server, tmp_path_factory):
     env_vars = {k: os.environ[k] for k in os.environ if k.startswith("AWS_")}
     env_vars["DS_ACCELERATOR"] = "cpu"
     os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     ray.init(
         num_cpus=RAY_CPUS,
         object_store_memory=512 * 1024**2,

@@ -71,6 +71,15 @@ def test_misspelt_override_and_section():
         ("data.second_view_prob=1.5", "data.second_view_prob", "probability"),
         ("model.preset=huge", "model.preset", "tiny"),
         ("train.micro_batch_size=0", "train.micro_batch_size", "> 0"),
+        # values that can only diverge (a NaN loss from step 1) are refused before anything starts
+        ("loss.ntxent_temperature=0", "loss.ntxent_temperature", "> 0"),
+        ("loss.ntxent_temperature=-0.5", "loss.ntxent_temperature", "> 0"),
+        ("optim.lr=.nan", "optim.lr", "finite"),
+        ("optim.lr=.inf", "optim.lr", "finite"),
+        ("loss.sla_weight=-1", "loss.sla_weight", ">= 0"),
+        ("optim.eps=0", "optim.eps", "> 0"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas", "[0, 1)"),
+        ("optim.min_lr=1.0", "optim.min_lr", "exceeds optim.lr"),
     ],
 )
 def test_bad_values_name_the_field(override, field, text):

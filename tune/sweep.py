@@ -1,8 +1,9 @@
 """Ray Tune sweep: each trial a full distributed pretraining run, ASHA stops the weak ones early.
 
-    python tune/sweep.py                                  # tiny CPU sweep (tiny_tune preset, 3 trials)
-    python tune/sweep.py --config base --space loss_weights --num-samples 16 [--set a.b=v]
-    python tune/sweep.py ... --resume                     # finish an interrupted sweep
+    mama-sweep                                            # tiny CPU sweep (tiny_tune preset, 3 trials)
+    python tune/sweep.py --set tune.search=optuna         # the same from a checkout, Optuna's TPE
+    mama-sweep --config base --space loss_weights --num-samples 16 [--set a.b=v]
+    mama-sweep ... --resume                     # finish an interrupted sweep
 
 Spaces are named in tune/search_spaces.py. The run prints the table of trials and ends with the
 path of the best trial's config (best_config.yaml), which jobs/pretrain.py --config accepts.
@@ -10,33 +11,36 @@ path of the best trial's config (best_config.yaml), which jobs/pretrain.py --con
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_spaces beside this file
-
-from search_spaces import SPACES, get_space  # noqa: E402
+if __package__:  # installed: mama_ray.tune.sweep (the mama-sweep command)
+    from .search_spaces import SPACES, get_space
+else:  # `python tune/sweep.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_spaces beside this file
+    from search_spaces import SPACES, get_space
 
 from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import init_ray, run_main  # noqa: E402
+from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = job_parser(__doc__)
     add_config_args(ap, default="tiny_tune")
     ap.add_argument("--space", default=None, choices=sorted(SPACES), help="search space (default: tune.space)")
     ap.add_argument("--num-samples", type=int, default=None, help="trials (default: tune.num_samples)")
     ap.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this config")
-    args = ap.parse_args()
+    args = parse_args(ap)
     if args.space is not None:
         args.overrides.append(f"tune.space={args.space}")
     if args.num_samples is not None:
         args.overrides.append(f"tune.num_samples={args.num_samples}")
     cfg = load_from_args(args)
     space = get_space(cfg.tune.space)
-    from mama_ray.sweep import local_cpus, run_sweep
+    from mama_ray.sweep import check_sweep, local_cpus, run_sweep
+
+    check_sweep(cfg, space)  # a bad sweep fails before Ray starts
 
     init_ray(num_cpus=local_cpus(cfg))
     out = run_sweep(cfg, space, resume=args.resume)
@@ -46,5 +50,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``pyproject.toml`` [project.scripts])."""
     run_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -53,6 +53,7 @@ MASS_TEXT = dict(zip(BIRADS_LETTERS, (
     "a known biopsy-proven malignant mass is present.",
 ), strict=True))
 SIDE_TEXT = {"L": "left", "R": "right", "B": "bilateral"}
+AGE_CAP = 90  # HIPAA Safe Harbor: every age over 89 is reported as one group, here "90"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ def reason_from_procedure(procedure: str | None) -> str | None:
     return None
 
 
+def safe_harbor_age(age: int | None) -> int | None:
+    """Ages over 89 become :data:`AGE_CAP` (HIPAA Safe Harbor), for shards and captions alike."""
+    return None if age is None else min(int(age), AGE_CAP)
+
+
 def is_complete(f: CaptionFields) -> bool:
     """The method drops an image whose procedure, reason, density or BI-RADS letter is missing."""
     return bool(f.procedure) and bool(f.reason) and f.density in DENSITY_TEXT and (
@@ -96,7 +102,7 @@ def _ethnic(value: str | None) -> str:
 
 def _meta(f: CaptionFields, masked: frozenset[str]) -> dict[str, str]:
     real = {
-        "age": str(int(f.age)) if f.age is not None else "unknown",
+        "age": str(safe_harbor_age(f.age)) if f.age is not None else "unknown",
         "race": f.race or "unknown",
         "ethnicity": _ethnic(f.ethnicity),
         "type": "2D",

@@ -25,7 +25,7 @@ IMAGE_STRUCT = pa.struct(
         ("mass_density", pa.string()),
         ("calc_find", pa.string()),
         ("calc_distri", pa.string()),
-        ("source", pa.string()),  # URI of the original DICOM
+        ("source", pa.string()),  # path under --dicoms, pseudonymised per component (full URI if ingest.keep_source_paths)
     ]
 )
 

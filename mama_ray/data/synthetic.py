@@ -20,7 +20,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -288,12 +290,27 @@ def default_root(cfg) -> str:
     return join(os.path.expanduser(cfg.storage.cache_dir), name)
 
 
+def default_key(cfg) -> str:
+    """Path of the default set's pseudonym key, generated (mode 600) with a printed note if missing."""
+    path = Path(default_root(cfg)) / "pseudonym.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        print(f"note: generated a pseudonym key for the synthetic default set at {path}; "
+              "a real ingest needs your own key in ingest.pseudonym_key (see docs/ingest.md)", flush=True)
+    return str(path)
+
+
 def ensure_default_shards(cfg) -> str:
     """Generate and ingest the default synthetic set once; returns its shard URI.
 
     A no-op when the set's ``manifest.json`` exists. Needs Ray to be initialised (the ingest is
-    the real Ray Data job).
+    the real Ray job). Unless ``ingest.pseudonym_key`` names one, the ids are pseudonymised with
+    a key generated beside the set (:func:`default_key`).
     """
+    from mama_ray.config import override
     from mama_ray.data.ingest import run_ingest
 
     root = default_root(cfg)
@@ -303,5 +320,7 @@ def ensure_default_shards(cfg) -> str:
     dicoms, tables = join(root, "dicoms"), join(root, "tables")
     if not exists(join(tables, "AWS_Open_Data_Clinical_Legend.csv")):  # written last
         dicoms, tables = make_synthetic(root, cfg.data.synthetic_studies, cfg.run.seed)
+    if not cfg.ingest.pseudonym_key:
+        cfg = override(cfg, {"ingest.pseudonym_key": default_key(cfg)})
     run_ingest(dicoms, shards, cfg, tables=tables)
     return shards

@@ -1,42 +1,53 @@
 """Read one DICOM (local path, ``file://`` or ``s3://``) into pixels and non-identifying tags.
 
-The pydicom ``Dataset`` never leaves this package: callers get a :class:`DicomTags` (pseudonymous
-ids, laterality, view, procedure, age) and a uint8 image. Every way a file can fail to be a
-single-frame grayscale image is turned into one :class:`DicomError` whose ``reason`` says why.
+The pydicom ``Dataset`` never leaves this package: callers get a :class:`DicomTags` (keyed
+pseudonymous ids, laterality, view, procedure, age) and a uint8 image. Every way a file can fail
+to be a single-frame grayscale image is turned into one :class:`DicomError` whose ``reason`` says
+why.
+
+A header scan (:func:`read_header`) reads only a prefix of the file: :data:`HEADER_PREFIX` bytes
+first, doubled (reading only the new part) while the parse has not yet passed the last tag it
+keeps — so a typical file costs one 64 KiB read however large its pixel data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 from pydicom.pixels import get_decoder
 
 from mama_ray.dicom.pixels import PixelSettings, preprocess
-from mama_ray.storage import StorageOptions, read_bytes
+from mama_ray.dicom.pseudonyms import pseudonym
+from mama_ray.storage import StorageOptions, filesystem, read_bytes, translated
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 REQUIRED_PIXEL_TAGS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation")
+HEADER_PREFIX = 64 * 1024  # bytes of a header scan's first read; doubled while the header runs past it
+LAST_KEPT_TAG = 0x00200062  # ImageLaterality: the highest tag DicomTags needs, the header parse stops after it
+DEFER_BYTES = 4096  # values longer than this are skipped, not read, by the header parse
 
 
 class DicomError(ValueError):
     """A DICOM that cannot be ingested; ``reason`` is one human-readable line."""
 
-    def __init__(self, reason: str, source: str = ""):
+    def __init__(self, reason: str, source: str = "", final: bool = True):
         self.reason = reason
         self.source = source
+        self.final = final  # False: a longer prefix of the file might parse
         super().__init__(f"{source}: {reason}" if source else reason)
 
 
 @dataclass(frozen=True)
 class DicomTags:
-    """The tags the method needs — nothing identifying (ids are pseudonyms)."""
+    """The tags the method needs — nothing identifying (ids are keyed pseudonyms)."""
 
     study_id: str | None  # pseudonym of StudyInstanceUID
     patient_id: str | None  # pseudonym of PatientID
@@ -45,15 +56,8 @@ class DicomTags:
     laterality: str | None  # L / R / B (ImageLaterality, else Laterality)
     view: str | None  # raw ViewPosition
     procedure: str | None  # StudyDescription
-    age: int | None  # from PatientAge "061Y"
+    age: int | None  # from PatientAge "061Y", as stored (the ingest applies the Safe Harbor cap)
     transfer_syntax: str  # name of the transfer syntax
-
-
-def pseudonym(value: str | None) -> str | None:
-    """One-way id for a UID or patient id (sha256, 20 hex chars); None stays None."""
-    if not value:
-        return None
-    return hashlib.sha256(str(value).encode()).hexdigest()[:20]
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -68,13 +72,13 @@ def _age(ds: Dataset) -> int | None:
     return None
 
 
-def _tags(ds: Dataset) -> DicomTags:
+def _tags(ds: Dataset, key: bytes) -> DicomTags:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     lat = _text(ds, "ImageLaterality") or _text(ds, "Laterality")
     return DicomTags(
-        study_id=pseudonym(_text(ds, "StudyInstanceUID")),
-        patient_id=pseudonym(_text(ds, "PatientID")),
-        image_id=pseudonym(_text(ds, "SOPInstanceUID")),
+        study_id=pseudonym(_text(ds, "StudyInstanceUID"), key),
+        patient_id=pseudonym(_text(ds, "PatientID"), key),
+        image_id=pseudonym(_text(ds, "SOPInstanceUID"), key),
         modality=_text(ds, "Modality"),
         laterality=lat.upper() if lat else None,
         view=_text(ds, "ViewPosition"),
@@ -99,13 +103,79 @@ def _source_bytes(source: str | bytes, opts: StorageOptions | None) -> bytes:
     return source if isinstance(source, bytes) else read_bytes(source, opts)
 
 
-def read_header(source: str | bytes, opts: StorageOptions | None = None) -> DicomTags:
-    """The kept tags of a DICOM without decoding its pixels (raises :class:`DicomError`)."""
-    name = "" if isinstance(source, bytes) else str(source)
+def _parse_prefix(data: bytes, whole: bool) -> tuple[Dataset, bool]:
+    """Parse the start of a file → ``(dataset, passed)``; ``passed``: every kept tag was in it.
+
+    Raises :class:`DicomError`; ``final=False`` when a longer prefix might parse.
+    """
+    passed = []
+
+    def stop(tag, vr, length) -> bool:  # top-level elements arrive in tag order
+        if tag > LAST_KEPT_TAG:
+            passed.append(tag)
+        return bool(passed)
+
     try:
-        return _tags(_load(_source_bytes(source, opts), stop_before_pixels=True))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_partial(io.BytesIO(data), stop_when=stop, defer_size=DEFER_BYTES)
+    except InvalidDicomError as e:  # no DICM preamble/meta: the first bytes already decide that
+        raise DicomError(f"not a DICOM file ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:  # noqa: BLE001 - a cut element or sequence raises many types
+        raise DicomError(f"unreadable or truncated DICOM ({type(e).__name__}: {str(e)[:120]})",
+                         final=whole) from None
+    return ds, bool(passed)
+
+
+def _header(size: int, read_at: Callable[[int, int], bytes]) -> Dataset:
+    """Dataset of a file's header, reading as little of the file as it can.
+
+    Args:
+        size: the file's size in bytes.
+        read_at: ``(nbytes, offset) → bytes`` of the file.
+    """
+    data, want = b"", HEADER_PREFIX
+    while True:
+        data += read_at(min(want, size) - len(data), len(data))  # only the part not read yet
+        whole = len(data) >= size
+        try:
+            ds, passed = _parse_prefix(data, whole)
+        except DicomError as e:
+            if e.final:
+                raise
+            passed = False
+        if passed or whole:
+            return ds
+        want *= 2
+
+
+def read_header(source: str | bytes, key: bytes, opts: StorageOptions | None = None) -> DicomTags:
+    """The kept tags of a DICOM from a prefix of the file (raises :class:`DicomError`).
+
+    Args:
+        source: a URI (local path, ``file://``, ``s3://``) or the file's bytes.
+        key: the pseudonym key (:func:`mama_ray.dicom.pseudonyms.load_key`).
+        opts: storage options for s3:// sources.
+    Returns:
+        The tags, ids as keyed pseudonyms. Reads :data:`HEADER_PREFIX` bytes (or the whole file
+        when smaller), more only when the header is longer.
+    """
+    if isinstance(source, bytes):
+        return _tags(_header(len(source), lambda n, at: source[at: at + n]), key)
+    fs, path = filesystem(source, opts)  # S3 requests retry in the SDK (storage.retries attempts)
+    with translated(source):
+        f = fs.open_input_file(path)  # s3: one HEAD for the size
+
+    def read_at(n: int, at: int) -> bytes:
+        with translated(source):
+            return bytes(f.read_at(n, at))  # s3: one ranged GET each
+
+    try:
+        return _tags(_header(f.size(), read_at), key)
     except DicomError as e:
-        raise DicomError(e.reason, name) from None
+        raise DicomError(e.reason, str(source)) from None
+    finally:
+        f.close()
 
 
 def _check_image(ds: Dataset) -> None:
@@ -165,8 +235,7 @@ def read_dicom(source: str | bytes, opts: StorageOptions | None = None) -> tuple
     return _pixels(ds), ds
 
 
-def read_image(source: str | bytes, settings: PixelSettings,
-               opts: StorageOptions | None = None) -> tuple[np.ndarray, DicomTags]:
+def read_image(source: str | bytes, settings: PixelSettings, opts: StorageOptions | None = None) -> np.ndarray:
     """Read, check and normalise one DICOM.
 
     Args:
@@ -174,8 +243,8 @@ def read_image(source: str | bytes, settings: PixelSettings,
         settings: scaling, crop and output size.
         opts: storage options for s3:// sources.
     Returns:
-        ``(image, tags)``: H×W uint8 (MONOCHROME2 polarity, long side = ``settings.long_side``)
-        and the non-identifying tags.
+        H×W uint8 image (MONOCHROME2 polarity, long side = ``settings.long_side``). Its tags come
+        from :func:`read_header`.
     Raises:
         DicomError: with a readable ``reason`` for anything that is not a single-frame
             grayscale image.
@@ -183,6 +252,6 @@ def read_image(source: str | bytes, settings: PixelSettings,
     name = "" if isinstance(source, bytes) else str(source)
     try:
         raw, ds = read_dicom(source, opts)
-        return preprocess(raw, ds, settings), _tags(ds)
+        return preprocess(raw, ds, settings)
     except DicomError as e:
         raise DicomError(e.reason, name) from None

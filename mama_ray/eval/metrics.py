@@ -3,6 +3,10 @@
 Classification: accuracy, balanced accuracy (mean per-class recall, the primary metric), macro
 one-vs-rest AUC on softmax scores and the confusion matrix. Retrieval: recall@K. All functions take
 numpy arrays and return plain Python numbers/lists so results go straight into ``metrics.json``.
+The classification numbers are scikit-learn's (``accuracy_score``, ``recall_score`` per class,
+``roc_auc_score``, ``confusion_matrix``); this module adds the argument checks and the rules
+below for absent classes, which scikit-learn's own ``balanced_accuracy_score`` (it warns) and
+multi-class ``roc_auc_score`` (it raises) do not give.
 
 Classes that do not occur in ``y_true`` (common on small or imbalanced test sets):
 * balanced accuracy averages the recall of the classes that **do** occur (a recall is undefined
@@ -16,8 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
 from sklearn.metrics import confusion_matrix as _sk_confusion
-from sklearn.metrics import roc_auc_score
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -39,21 +43,21 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     y_true, y_pred = _labels(y_true), _labels(y_pred)
     if len(y_true) == 0:
         raise ValueError("accuracy of an empty label set is undefined")
-    return float((y_true == y_pred).mean())
+    return float(accuracy_score(y_true, y_pred))
 
 
 def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[float]:
     """Recall of each class 0..C-1; NaN for a class absent from ``y_true``."""
     y_true, y_pred = _labels(y_true), _labels(y_pred)
-    out = []
-    for c in range(num_classes):
-        mask = y_true == c
-        out.append(float((y_pred[mask] == c).mean()) if mask.any() else math.nan)
-    return out
+    if len(y_true) == 0:
+        return [math.nan] * num_classes
+    recall = recall_score(y_true, y_pred, labels=list(range(num_classes)), average=None, zero_division=np.nan)
+    return [float(r) for r in recall]
 
 
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
-    """Mean recall over the classes present in ``y_true``."""
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's ``balanced_accuracy_score``
+    rule, on the classes 0..C-1 only)."""
     recalls = [r for r in per_class_recall(y_true, y_pred, num_classes) if not math.isnan(r)]
     if not recalls:
         raise ValueError("balanced accuracy of an empty label set is undefined")

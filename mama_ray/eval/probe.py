@@ -12,11 +12,15 @@ a linear warm-up from ``eval.probe_min_lr`` over ``eval.probe_warmup_steps`` the
   Data) and the head trains on them in the driver: seconds even for the full split.
 * **finetune** — the encoder trains too, on the SimCLR train augmentation as §5.3; one process
   (one GPU if available) runs the loop.
+
+Both log one progress line with an ETA (:class:`mama_ray.runtime.Progress`) at most every 10 s
+over all their steps (tasks × data fractions × ``eval.probe_steps``).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -24,7 +28,10 @@ import torch
 from torch import nn
 
 from mama_ray.config import ConfigError, EvalConfig
+from mama_ray.runtime import Progress
 from mama_ray.train.schedule import lr_at
+
+log = logging.getLogger(__name__)
 
 
 def balanced_weights(labels: np.ndarray) -> np.ndarray:
@@ -59,6 +66,7 @@ def train_classifier(
     labels: np.ndarray,
     ecfg: EvalConfig,
     seed: int,
+    progress: Progress | None = None,
 ) -> list[float]:
     """The probe / fine-tune loop: class-balanced batches, SGD, warm-up + cosine.
 
@@ -66,6 +74,7 @@ def train_classifier(
         forward: maps a batch of sample indices to B×classes logits.
         params: the trainable parameters.
         labels: N class ids of the training samples.
+        progress: advanced by one per step.
     Returns:
         the loss of every step.
     """
@@ -85,16 +94,18 @@ def train_classifier(
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if progress is not None:
+            progress.update()
     return losses
 
 
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, ecfg: EvalConfig,
-                     seed: int) -> nn.Linear:
+                     seed: int, progress: Progress | None = None) -> nn.Linear:
     """Train ``Linear(C → num_classes)`` on frozen N×C features; returns the head."""
     torch.manual_seed(seed)
     feats = torch.as_tensor(np.asarray(features, dtype=np.float32))  # N×C
     head = nn.Linear(feats.shape[1], num_classes)
-    train_classifier(lambda idx: head(feats[idx]), list(head.parameters()), labels, ecfg, seed)
+    train_classifier(lambda idx: head(feats[idx]), list(head.parameters()), labels, ecfg, seed, progress)
     return head.eval()
 
 
@@ -122,28 +133,31 @@ def linear_probe_metrics(cfg, train: dict[str, np.ndarray], test: dict[str, np.n
     Returns:
         ``{task: {"<fraction>": classification metrics + "train_images"}}``.
     """
-    def fit_and_score(task: str, num_classes: int, rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+    def fit_and_score(task: str, num_classes: int, rows: np.ndarray, test_rows: np.ndarray,
+                      progress: Progress) -> np.ndarray:
         head = fit_linear_probe(train["pooled_image"][rows], train[task][rows], num_classes,
-                                cfg.eval, cfg.run.seed)
+                                cfg.eval, cfg.run.seed, progress)
         return predict_scores(head, test["pooled_image"][test_rows])
 
-    return _per_task_and_fraction(cfg, train, test, test_ids, fit_and_score)
+    return _per_task_and_fraction(cfg, train, test, test_ids, fit_and_score, "linear probe")
 
 
 def _per_task_and_fraction(cfg, train: dict[str, np.ndarray], test: dict[str, np.ndarray],
-                           test_ids: dict[str, np.ndarray], fit_and_score) -> dict:
-    """Run ``fit_and_score(task, num_classes, train_rows, test_rows) -> scores`` for every task and
-    data fraction; ``{task: {"<fraction>": classification metrics + "train_images"}}``."""
+                           test_ids: dict[str, np.ndarray], fit_and_score, what: str) -> dict:
+    """Run ``fit_and_score(task, num_classes, train_rows, test_rows, progress) -> scores`` for every
+    task and data fraction; ``{task: {"<fraction>": classification metrics + "train_images"}}``."""
     from mama_ray.eval.metrics import classification_metrics
     from mama_ray.eval.zero_shot import NUM_CLASSES, TASKS
 
     out: dict = {}
+    progress = Progress(f"{what} steps", len(TASKS) * len(cfg.eval.data_fractions) * cfg.eval.probe_steps, log)
     for task in TASKS:
         test_rows = np.isin(test["image_id"], test_ids[task])
         out[task] = {}
         for fraction in cfg.eval.data_fractions:
             rows = _train_rows(train[task], fraction, cfg.run.seed)
-            scores = fit_and_score(task, NUM_CLASSES[task], rows, test_rows)
+            progress.detail = f"{task} {fraction:.0%} of the data, {len(rows)} images"
+            scores = fit_and_score(task, NUM_CLASSES[task], rows, test_rows, progress)
             m = classification_metrics(test[task][test_rows], scores)
             out[task][f"{fraction:g}"] = {**m, "train_images": int(len(rows))}
     return out
@@ -172,12 +186,14 @@ def _augment(images: np.ndarray, idx: np.ndarray, size: int, rng: np.random.Gene
     return torch.from_numpy(np.stack([to_rgb_chw(train_transform(images[i, 0], size, rng)) for i in idx]))
 
 
-def _finetune(net: FineTuner, images: np.ndarray, labels: np.ndarray, cfg, dev: torch.device) -> None:
+def _finetune(net: FineTuner, images: np.ndarray, labels: np.ndarray, cfg, dev: torch.device,
+              progress: Progress | None = None) -> None:
     """Train ``net`` in place on augmented ``images`` (N×1×S×S uint8)."""
     rng, size = np.random.default_rng(cfg.run.seed), images.shape[-1]
     net.train()
     train_classifier(lambda idx: net(_augment(images, idx, size, rng).to(dev)),
-                     [p for p in net.parameters() if p.requires_grad], labels, cfg.eval, cfg.run.seed)
+                     [p for p in net.parameters() if p.requires_grad], labels, cfg.eval, cfg.run.seed,
+                     progress)
 
 
 @torch.no_grad()
@@ -203,10 +219,11 @@ def finetune_metrics(cfg, checkpoint_uri: str, train: dict[str, np.ndarray], tes
     model, _, _, _ = load_model_from_checkpoint(checkpoint_uri)
     dev = device()
 
-    def fit_and_score(task: str, num_classes: int, rows: np.ndarray, test_rows: np.ndarray) -> np.ndarray:
+    def fit_and_score(task: str, num_classes: int, rows: np.ndarray, test_rows: np.ndarray,
+                      progress: Progress) -> np.ndarray:
         torch.manual_seed(cfg.run.seed)  # the head's init
         net = FineTuner(copy.deepcopy(model.vision), num_classes).to(dev)
-        _finetune(net, train["image"][rows], train[task][rows], cfg, dev)
+        _finetune(net, train["image"][rows], train[task][rows], cfg, dev, progress)
         return _predict(net, test["image"][test_rows], cfg.eval.batch_size, dev)
 
-    return _per_task_and_fraction(cfg, train, test, test_ids, fit_and_score)
+    return _per_task_and_fraction(cfg, train, test, test_ids, fit_and_score, "fine-tune")

@@ -224,16 +224,32 @@ def evaluate(cfg: Config, checkpoint_uri: str, tasks: list[str] | tuple[str, ...
     return metrics
 
 
-def resolve_checkpoint(uri: str) -> str:
-    """A checkpoint folder as given, or the newest checkpoint of a run folder.
+WHICH = ("latest", "best")
+
+
+def resolve_checkpoint(uri: str, which: str = "latest") -> str:
+    """A checkpoint folder as given, or a run folder's newest (``latest``) or ``best`` checkpoint.
+
+    The best is the one ``train.best_metric`` picked during training (``<run>/best``,
+    :mod:`mama_ray.train.best`); the latest is what a resume uses.
 
     Raises:
-        StorageError: neither a checkpoint (``train_state.json``) nor a run with checkpoints.
+        StorageError: neither a checkpoint (``train_state.json``) nor a run with checkpoints, or
+            ``best`` asked of a run without one (trained without validation).
     """
+    from mama_ray.train.best import best_checkpoint
     from mama_ray.train.checkpoint import latest_checkpoint
 
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}: choose from {', '.join(WHICH)}")
     if storage.exists(storage.join(uri, "train_state.json")):
         return uri
+    if which == "best":
+        best = best_checkpoint(uri) if storage.exists(uri) else None
+        if best is None:
+            raise storage.StorageError(f"{uri}: no best checkpoint (best/best.json) in this run folder; it is "
+                                       "written by validation during training (train.val_every > 0)")
+        return best
     latest = latest_checkpoint(uri) if storage.exists(uri) else None
     if latest is None:
         raise storage.StorageError(f"{uri}: not a checkpoint folder and no checkpoint_* folder inside")

@@ -76,9 +76,16 @@ def score_batch(model, tokenizer, batch: dict[str, np.ndarray], image_emb: torch
     Returns:
         ``{"density_scores": B×4, "birads_scores": B×7}`` float32 numpy arrays.
     """
+    fields = [row_fields(batch, i) for i in range(len(image_emb))]
+    return score_fields(model, tokenizer, fields, image_emb, max_len, pooling)
+
+
+@torch.no_grad()
+def score_fields(model, tokenizer, fields: list[captions.CaptionFields], image_emb: torch.Tensor, max_len: int,
+                 pooling: str) -> dict:
+    """:func:`score_batch` for images given by their caption fields (validation during training uses it)."""
     image_emb = image_emb.float()
     tau = model.logit_scale.detach().float().exp()  # [1]
-    fields = [row_fields(batch, i) for i in range(len(image_emb))]
     out = {}
     for task in TASKS:
         texts = [t for f in fields for t in prompts(f, task)]

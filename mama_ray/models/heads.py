@@ -13,6 +13,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class Float32BatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` computed in the dtype of its running statistics, whatever the weights' dtype.
+
+    Under DeepSpeed bf16 the parameters become bf16 while buffers keep float32, which plain
+    BatchNorm refuses ("expected scalar type BFloat16 but found Float"). Normalising in float32
+    also keeps the batch statistics and the running averages exact; the output returns in the
+    input's dtype for the next (bf16) layer. Same maths as ``nn.BatchNorm1d`` otherwise.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm1d
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        weight = self.weight.to(dtype) if self.affine else None
+        bias = self.bias.to(dtype) if self.affine else None
+        y = F.batch_norm(x.to(dtype), self.running_mean, self.running_var, weight, bias,
+                         use_batch_stats, momentum, self.eps)
+        return y.to(x.dtype)
+
+
 class SentenceBatchNorm(nn.BatchNorm1d):
     """BatchNorm whose statistics come from each caption's valid sentences separately.
 
@@ -21,14 +46,16 @@ class SentenceBatchNorm(nn.BatchNorm1d):
     caption with a single sentence — where the original crashes ("expected more than 1 value per
     channel") — is normalised with the running statistics instead. Running statistics advance
     once per caption with ≥ 2 sentences, in batch order, as the loop would (closed form below).
-    Eval: running statistics. Padded slots come out as zeros.
+    Eval: running statistics. Padded slots come out as zeros. Computed in the running statistics'
+    dtype (float32 under bf16 training, see :class:`Float32BatchNorm1d`), returned in ``x``'s.
     """
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x B×M×C, mask B×M
+    def forward(self, x_in: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x B×M×C, mask B×M
+        x = x_in.to(self.running_mean.dtype)
         valid = mask.unsqueeze(-1).to(x.dtype)  # B×M×1
         n = mask.sum(dim=1, keepdim=True).unsqueeze(-1)  # B×1×1
-        run_mean = self.running_mean.to(x.dtype, copy=True)  # stats before this batch
-        run_var = self.running_var.to(x.dtype, copy=True)
+        run_mean = self.running_mean.clone()  # stats before this batch
+        run_var = self.running_var.clone()
         if self.training:
             own = (n >= 2).to(x.dtype)  # captions using their own statistics
             mean = (x * valid).sum(1, keepdim=True) / n.clamp(min=1)  # B×1×C
@@ -40,8 +67,8 @@ class SentenceBatchNorm(nn.BatchNorm1d):
             mean, var = run_mean, run_var
         y = (x - mean) / torch.sqrt(var + self.eps)
         if self.affine:
-            y = y * self.weight + self.bias
-        return y * valid
+            y = y * self.weight.to(x.dtype) + self.bias.to(x.dtype)
+        return (y * valid).to(x_in.dtype)
 
     @torch.no_grad()
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
@@ -69,9 +96,9 @@ class LocalImageHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden)
-        self.bn1 = nn.BatchNorm1d(hidden)
+        self.bn1 = Float32BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
-        self.bn2 = nn.BatchNorm1d(out_dim, affine=False)
+        self.bn2 = Float32BatchNorm1d(out_dim, affine=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:  # B×P×C → B×P×E′
         b, p, _ = patches.shape
@@ -102,8 +129,8 @@ class MultiViewHead(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, out_dim, bias=False), nn.BatchNorm1d(out_dim),
+            nn.Linear(in_dim, hidden, bias=False), Float32BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, out_dim, bias=False), Float32BatchNorm1d(out_dim),
         )
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # B×C → B×E

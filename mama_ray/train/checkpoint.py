@@ -6,7 +6,7 @@ A checkpoint folder (one per ``train.checkpoint_every`` optimizer steps, named
 * ``ds/state/`` — DeepSpeed's per-rank state (module, ZeRO optimizer partitions): exact resume;
 * ``rng/rank_<r>.pt`` — each rank's Python/NumPy/torch RNG states;
 * ``model/model.safetensors`` — consolidated fp32 weights that load without DeepSpeed (ZeRO-3
-  partitions are gathered first). All parameters, except that frozen ones are left out when
+  partitions are gathered first; under bf16, trained weights are DeepSpeed's fp32 master copies). All parameters, except that frozen ones are left out when
   ``model.text.weights`` names the URI they come from (the frozen text trunk of a large model is
   rebuilt from there), which ``model/weights.json`` records;
 * ``tokenizer/`` (Hugging Face format), ``config.yaml`` (the run's config) and
@@ -38,10 +38,24 @@ DS_TAG = "state"
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # this rank's data epoch
-    samples_in_epoch: int = 0  # samples this rank consumed in its current epoch
+    samples_in_epoch: int = 0  # samples this rank consumed in its current epoch (all segments, see below)
     world_size: int = 1  # ranks of the run that wrote it
     data_states: list[dict[str, int]] = field(default_factory=list)  # per rank: epoch, samples_in_epoch
     rng: str = "rng/rank_<r>.pt"  # where each rank's RNG states are
+    # Elastic resume: earlier segments of epoch ``history_epoch`` run at other world sizes, as
+    # [world size, samples per rank consumed in it, micro-batch, grad_accum]; ``samples_in_epoch``
+    # counts their samples too.
+    epoch_history: list[list[int]] = field(default_factory=list)
+    history_epoch: int = -1
+
+    def data_history(self) -> tuple[tuple[int, ...], ...]:
+        """The earlier segments of the current epoch (empty unless it was resumed at another world size)."""
+        return tuple(tuple(int(v) for v in seg) for seg in self.epoch_history) if self.epoch == self.history_epoch else ()
+
+    def source_args(self) -> dict[str, Any]:
+        """Extra keyword arguments of ``BatchSource.epoch_batches`` for the current epoch (none in a plain run)."""
+        history = self.data_history()
+        return {"history": history} if history else {}
 
 
 def checkpoint_name(step: int) -> str:
@@ -68,34 +82,69 @@ def _keep_frozen(cfg: config_mod.Config) -> bool:
     return not cfg.model.text.weights
 
 
+def _full_precision(p: torch.nn.Parameter) -> torch.Tensor:
+    """A parameter's fp32 value: DeepSpeed's fp32 master copy for a trained bf16 weight, else itself.
+
+    Under bf16 the module holds the master weights rounded to bf16: a small update (lr 4e-5 on a
+    LayerNorm weight of 1.0) moves the master but not the rounded copy, so evaluation and export
+    read the master. A collective (all ranks call it for the same parameters) when it applies.
+    """
+    if p.requires_grad and p.dtype != torch.float32:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(p)
+        if master is not None:
+            return master
+    return p.detach()
+
+
 def consolidated_state_dict(model: torch.nn.Module, cfg: config_mod.Config, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank (collective under ZeRO-3: all ranks must call it)."""
+    """Full fp32 weights on every rank (collective under ZeRO-3 and bf16: all ranks must call it)."""
     import deepspeed
 
     keep_frozen = _keep_frozen(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     wanted = [p for p in model.parameters() if keep_frozen or p.requires_grad]
     with deepspeed.zero.GatheredParameters(wanted, modifier_rank=None, enabled=zero_stage == 3):
-        out = {names[id(p)]: p.detach().float().cpu().clone() for p in wanted}
+        out = {names[id(p)]: _full_precision(p).float().cpu().clone() for p in wanted}
         if keep_frozen:
             out.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
     return out
 
 
+def check_finite_weights(weights: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to checkpoint NaN/inf weights (every rank holds the same consolidated weights)."""
+    bad = [name for name, w in weights.items() if w.is_floating_point() and not bool(torch.isfinite(w).all())]
+    if bad:
+        from mama_ray.train.failure import FatalTrainingError
+
+        raise FatalTrainingError(f"step {step}: non-finite weights in {bad[:5]} ({len(bad)} tensors); "
+                                 "no checkpoint written, so the latest checkpoint is the last finite one")
+
+
 def save_checkpoint(folder: str | Path, *, engine, model, tokenizer, cfg, state: TrainState, rank: int) -> None:
     """Write this rank's part of a checkpoint into ``folder`` (collective: every rank calls it)."""
     folder = Path(folder)
-    engine.save_checkpoint(str(folder / "ds"), tag=DS_TAG)
     weights = consolidated_state_dict(model, cfg, cfg.deepspeed.zero_stage)
+    check_finite_weights(weights, state.step)
+    engine.save_checkpoint(str(folder / "ds"), tag=DS_TAG)
     (folder / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), folder / "rng" / f"rank_{rank}.pt")
-    if rank != 0:
-        return
+    if rank == 0:
+        write_model_files(folder, weights, tokenizer, cfg, state)
+
+
+def write_model_files(folder: str | Path, weights: dict[str, torch.Tensor], tokenizer, cfg, state: TrainState) -> None:
+    """Rank 0's part of a checkpoint: what evaluation and export load (no DeepSpeed state).
+
+    The best checkpoint (:mod:`mama_ray.train.best`) is exactly this part.
+    """
     from safetensors.torch import save_file
 
     from mama_ray.models.tokenizer import save_tokenizer
 
-    (folder / "model").mkdir(exist_ok=True)
+    folder = Path(folder)
+    (folder / "model").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model" / "model.safetensors"))
     (folder / "model" / "weights.json").write_text(json.dumps({"frozen_included": _keep_frozen(cfg)}))
     save_tokenizer(tokenizer, str(folder / "tokenizer"))
@@ -111,27 +160,117 @@ def read_train_state(folder: str | Path) -> TrainState:
 
 
 def restore(folder: str | Path, *, engine, rank: int, world_size: int) -> TrainState:
-    """Load DeepSpeed state, this rank's RNG and data position from a local checkpoint folder."""
+    """Load DeepSpeed state, this rank's RNG and data position from a local checkpoint folder.
+
+    At another world size than the checkpoint's (elastic resume) the model and the optimizer come
+    along — ZeRO-1/2 partitions are merged and re-cut for the new ranks — and the epoch continues
+    from the position the whole cluster reached: the segment that ran is added to
+    ``epoch_history`` and the data source plans what it left among the new ranks.
+    """
     folder = Path(folder)
     state = read_train_state(folder)
-    load_path, _ = engine.load_checkpoint(str(folder / "ds"), tag=DS_TAG, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise ValueError(f"checkpoint {folder}: DeepSpeed state under ds/{DS_TAG} could not be loaded")
     if state.world_size == world_size and len(state.data_states) == world_size:
+        _load_engine(engine, folder)
         state.epoch = state.data_states[rank]["epoch"]
         state.samples_in_epoch = state.data_states[rank]["samples_in_epoch"]
         rng = folder / "rng" / f"rank_{rank}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
     else:
-        # Another world size: the data split differs, so the exact remainder is unknown; restart the epoch.
-        import warnings
-
-        warnings.warn(f"resuming {world_size} ranks from a {state.world_size}-rank checkpoint: "
-                      f"the data restarts at the beginning of epoch {state.epoch}", stacklevel=2)
-        state.samples_in_epoch = 0
+        _load_engine_elastic(engine, folder, state.world_size)
+        _continue_epoch_elastic(state, folder)
+        # the old ranks' RNG streams do not map onto the new ranks: fresh, distinct per rank
+        seed = 1_000_003 * (state.step + 1) + rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
     state.world_size = world_size
     return state
+
+
+def _load_engine(engine, folder: Path) -> None:
+    load_path, _ = engine.load_checkpoint(str(folder / "ds"), tag=DS_TAG, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise ValueError(f"checkpoint {folder}: DeepSpeed state under ds/{DS_TAG} could not be loaded")
+
+
+def _continue_epoch_elastic(state: TrainState, folder: Path) -> None:
+    """Record the segment the old ranks ran of the current epoch; the new ranks continue after it."""
+    epochs = {d["epoch"] for d in state.data_states}
+    counts = {d["samples_in_epoch"] for d in state.data_states}
+    if len(state.data_states) != state.world_size or len(epochs) != 1 or len(counts) != 1:
+        raise ValueError(f"checkpoint {folder}: its {state.world_size} ranks are not at one data position "
+                         f"({state.data_states}); elastic resume needs that")
+    epoch, count = epochs.pop(), counts.pop()
+    history = state.epoch_history if state.history_epoch == epoch else []
+    done_before = sum(seg[1] for seg in history)  # per-rank samples of earlier segments, counted in `count`
+    run = config_mod.from_dict(config_mod.load_yaml_text((folder / "config.yaml").read_text(), str(folder)))
+    state.epoch, state.samples_in_epoch, state.history_epoch = epoch, count, epoch
+    state.epoch_history = [*history, [state.world_size, count - done_before, run.train.micro_batch_size,
+                                      run.train.grad_accum]]
+
+
+def _load_engine_elastic(engine, folder: Path, old_world: int) -> None:
+    """Module weights and optimizer state written by ``old_world`` ranks, for this world size.
+
+    DeepSpeed loads the module (every rank's copy is whole under ZeRO-0/1/2); ZeRO-1/2 optimizer
+    partitions (fp32 master weights, Adam moments) are merged from all old ranks' files and cut
+    again the way this engine partitions them. ZeRO-3 partitions the weights themselves: not supported.
+    """
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        raise ValueError(f"checkpoint {folder}: written by {old_world} ranks with ZeRO-3, whose weight "
+                         "partitions cannot be re-cut here; resume with the same scaling.num_workers")
+    if stage == 0:  # nothing partitioned: DeepSpeed loads it at any world size
+        _load_engine(engine, folder)
+        return
+    load_path, _ = engine.load_checkpoint(str(folder / "ds"), tag=DS_TAG, load_optimizer_states=False,
+                                          load_lr_scheduler_states=False)
+    if load_path is None:
+        raise ValueError(f"checkpoint {folder}: DeepSpeed state under ds/{DS_TAG} could not be loaded")
+    _reshard_zero_optimizer(engine.optimizer, folder / "ds" / DS_TAG, old_world)
+
+
+def _reshard_zero_optimizer(zero, tag_dir: Path, old_world: int) -> None:
+    """Set ``zero``'s partition of the fp32 weights and optimizer state from ``old_world`` saved partitions."""
+    import torch.distributed as dist
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        GROUP_PADDINGS,
+        OPTIMIZER_STATE_DICT,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
+
+    parts = []
+    for i in range(old_world):
+        files = sorted(tag_dir.glob(f"*zero_pp_rank_{i}_mp_rank_00_optim_states.pt"))
+        if len(files) != 1:
+            raise ValueError(f"checkpoint {tag_dir}: no single ZeRO optimizer file of old rank {i}")
+        parts.append(torch.load(files[0], map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT])
+    rank = dist.get_rank(group=zero.dp_process_group)
+    for g, fp32 in enumerate(zero.single_partition_of_fp32_groups):  # saved without their padding
+        fp32.data.copy_(_my_part([p[SINGLE_PARTITION_OF_FP32_GROUPS][g] for p in parts], rank, fp32.numel()))
+        param = zero.optimizer.param_groups[g]["params"][0]
+        saved = [_lean_group_state(p[BASE_OPTIMIZER_STATE], g, p[GROUP_PADDINGS][g]) for p in parts]
+        zero.optimizer.state[param] = {
+            key: (_my_part([s[key] for s in saved], rank, fp32.numel()).to(param.device)
+                  if torch.is_tensor(value) and value.dim() > 0 else value)
+            for key, value in saved[0].items()}
+    getattr(zero, "_link_all_hp_params", lambda: None)()
+
+
+def _lean_group_state(base_state, group: int, padding: int) -> dict[str, Any]:
+    """One saved partition's optimizer state of ``group`` without the padding at its end."""
+    state = base_state["state"][group] if isinstance(base_state, dict) else base_state[group]  # rigid / elastic
+    return {k: v[: v.numel() - padding] if torch.is_tensor(v) and v.dim() > 0 and isinstance(base_state, dict) else v
+            for k, v in state.items()}
+
+
+def _my_part(partitions: list[torch.Tensor], rank: int, size: int) -> torch.Tensor:
+    """Partition ``rank`` of ``size`` elements of the concatenated flat group, zero-padded at the end."""
+    flat = torch.cat([p.flatten() for p in partitions])
+    mine = flat[rank * size : (rank + 1) * size]
+    return torch.cat([mine, mine.new_zeros(size - mine.numel())])
 
 
 @contextlib.contextmanager

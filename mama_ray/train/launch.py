@@ -18,6 +18,7 @@ from typing import Any
 from mama_ray import config as config_mod
 from mama_ray import storage
 from mama_ray.config import Config
+from mama_ray.train.best import best_uri, read_best
 from mama_ray.train.checkpoint import latest_checkpoint, read_train_state
 from mama_ray.train.metrics import METRICS_FILE
 
@@ -25,18 +26,34 @@ DataFactory = Callable[[Config, int, int], Any]  # (cfg, rank, world_size) -> Ba
 # Train V2's controller polls the workers (health + one queued report each) at this interval; it
 # reads it in the process that calls ``fit()`` and passes it on to the controller.
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# The dashboard's Train page (runs, attempts, workers) is fed by a state actor Ray Train 2.60 only
+# starts when this is "1" in the process that calls ``fit()``; off by default in Ray. We turn it on
+# unless the environment already says otherwise ("0" opts out).
+STATE_TRACKING_ENV = "RAY_TRAIN_ENABLE_STATE_TRACKING"
 
 
 class PipelineSource:
-    """The Ray Data pipeline as the loop's batch source (each rank streams its own plan)."""
+    """The Ray Data pipeline as the loop's batch source: this rank's part of each epoch's plan.
 
-    def __init__(self, cfg: Config, rank: int, world_size: int):
+    It owns the rank's :class:`~mama_ray.data.stream.TrainStream`, so the next epoch's execution
+    started in advance lives (and is dropped) with it, not in a module global.
+    """
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, local_ranks: int | None = None):
+        """``local_ranks``: ranks on this node, which share its object store (default: Ray Train's count)."""
+        import ray.train
+
+        from mama_ray.data.stream import TrainStream
+
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        local = ray.train.get_context().get_local_world_size() if local_ranks is None else local_ranks
+        self.stream = TrainStream(cfg, rank, world_size, local_ranks=local)
 
-    def epoch_batches(self, epoch: int, skip_samples: int):
-        from mama_ray.data.pipeline import iter_train_batches
-
-        return iter_train_batches(self.cfg, epoch, self.rank, self.world_size, skip_samples)
+    def epoch_batches(self, epoch: int, skip_samples: int, history: tuple[tuple[int, ...], ...] = ()):
+        """``history``: earlier segments of ``epoch`` at other world sizes (elastic resume, see
+        ``TrainState.epoch_history``); ``skip_samples`` counts their samples per rank too."""
+        segment_skip = skip_samples - sum(int(seg[1]) for seg in history)
+        return self.stream.epoch(epoch, segment_skip, tuple(tuple(seg) for seg in history))
 
 
 def run_uri(cfg: Config) -> str:
@@ -51,11 +68,17 @@ def train_func(config: dict[str, Any]) -> None:
     Args:
         config: ``cfg`` (the config as a dict), ``run_uri``, and optionally ``resume_from`` (a
             checkpoint URI used when the run has none yet), ``data_factory`` (``(cfg, rank,
-            world_size) -> BatchSource``, default the Ray Data pipeline) and ``build_model``.
+            world_size) -> BatchSource``, default the Ray Data pipeline), ``val_factory`` (the
+            same for the validation samples; default the val split's ``ValSet`` when the data
+            is the pipeline's, else no validation) and ``build_model``.
     """
     cfg = config_mod.from_dict(config["cfg"])
     import ray.data
     import torch
+
+    from mama_ray.runtime import setup_logging
+
+    setup_logging()  # the driver's --log-level, passed on in MAMA_LOG_LEVEL
 
     # Ray sets OMP_NUM_THREADS to the reserved CPUs only when the driver's environment has none;
     # either way the worker computes with the CPUs it reserved, no more (no oversubscription).
@@ -69,7 +92,21 @@ def train_func(config: dict[str, Any]) -> None:
 
     ctx = RayTrainContext(config.get("resume_from", ""), storage.StorageOptions.from_config(cfg.storage))
     data = (config.get("data_factory") or PipelineSource)(cfg, ctx.rank, ctx.world_size)
-    train_loop(cfg, ctx, data, run_uri=config["run_uri"], build_model=config.get("build_model"))
+    val = _val_source(cfg, config, ctx.rank, ctx.world_size)
+    try:
+        train_loop(cfg, ctx, data, run_uri=config["run_uri"], build_model=config.get("build_model"), val=val)
+    finally:
+        getattr(val, "close", lambda: None)()  # the decoded val images on this node's disk
+
+
+def _val_source(cfg: Config, config: dict[str, Any], rank: int, world_size: int):
+    """This rank's validation samples: ``val_factory``, else the val split when the data is the pipeline's."""
+    if cfg.train.val_every == 0:
+        return None
+    factory = config.get("val_factory")
+    if factory is None and config.get("data_factory") is None:
+        from mama_ray.data.validation import ValSet as factory
+    return factory(cfg, rank, world_size) if factory is not None else None
 
 
 def _scaling(cfg: Config):
@@ -89,8 +126,23 @@ def check_supported(cfg: Config) -> None:
             "state across ranks, so no rank can keep its own copy of some weights")
 
 
+def check_data(cfg: Config) -> None:
+    """A ``data.shards`` location that holds no shards fails here, before Ray starts (exit 2)."""
+    if not cfg.data.shards:
+        return  # the default synthetic set is made on demand
+    from mama_ray.data.pipeline import shard_paths
+
+    try:
+        shard_paths(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
+    except (ValueError, FileNotFoundError) as e:
+        raise config_mod.ConfigError(
+            f"config field 'data.shards': no shards at {cfg.data.shards} ({e}); point it at the output "
+            "of jobs/prepare_data.py, or leave it empty for the synthetic default set") from None
+
+
 def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None = None,
-                  data_factory: DataFactory | None = None, build_model: Callable | None = None):
+                  data_factory: DataFactory | None = None, build_model: Callable | None = None,
+                  val_factory: DataFactory | None = None):
     """The ``TorchTrainer`` of a run: scaling, storage, failure and checkpoint settings from ``cfg``.
 
     Args:
@@ -98,17 +150,21 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
         resume_from: checkpoint URI to start from when the run has no checkpoint of its own.
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback()``).
         data_factory: batch source per rank (tests); default the Ray Data pipeline.
+        val_factory: validation samples per rank (tests); default the val split (``ValSet``) when
+            ``data_factory`` is not given, else none.
         build_model: model builder (tests); default ``mama_ray.models.build_model``.
     Returns:
         A ``ray.train.torch.TorchTrainer``; ``.fit()`` (in this process) runs it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+
+    from mama_ray.train.failure import mama_torch_trainer_class
 
     check_supported(cfg)
     # A worker holds one report until the next poll, so Ray's 2 s default throttles every run that
     # reports more often than that (docs/benchmarks.md, "Training overhead").
     os.environ[POLL_ENV] = str(cfg.train.report_poll_s)
+    os.environ.setdefault(STATE_TRACKING_ENV, "1")
     opts = storage.StorageOptions.from_config(cfg.storage)
     fs, path = storage.filesystem(cfg.storage.run_dir, opts)
     storage.check_bucket(cfg.storage.run_dir, opts)
@@ -118,8 +174,10 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         callbacks=callbacks)
     loop_config = {"cfg": config_mod.to_dict(cfg), "run_uri": run_uri(cfg), "resume_from": resume_from,
-                   "data_factory": data_factory, "build_model": build_model}
-    return TorchTrainer(train_func, train_loop_config=loop_config, scaling_config=_scaling(cfg), run_config=run_config)
+                   "data_factory": data_factory, "build_model": build_model, "val_factory": val_factory}
+    trainer_class = mama_torch_trainer_class()  # a TorchTrainer that does not restart on fatal errors
+    return trainer_class(train_func, train_loop_config=loop_config, scaling_config=_scaling(cfg),
+                         run_config=run_config)
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,6 +196,8 @@ class Summary:
     seconds: float = 0.0
     eval_metrics: dict = field(default_factory=dict)
     eval_table: str = ""
+    best: str = ""  # the best checkpoint's folder ("" = none: no validation)
+    best_record: dict = field(default_factory=dict)  # its best.json: metric, mode, value, step
 
     def lines(self) -> list[str]:
         state = "already complete (nothing trained)" if self.already_complete else f"trained in {self.seconds:.0f} s"
@@ -146,9 +206,16 @@ class Summary:
             out += [f"loss: first logged {self.first['loss']:.4f} (step {self.first['step']:.0f}) → "
                     f"last {self.last['loss']:.4f} (step {self.last['step']:.0f})",
                     f"clip loss: first logged {self.first['clip_loss']:.4f} → last {self.last['clip_loss']:.4f}"]
+        if "val_loss" in self.last:
+            out.append(f"validation (step {self.last['step']:.0f}): val_loss {self.last['val_loss']:.4f}, "
+                       f"val_clip_loss {self.last['val_clip_loss']:.4f}, image→text R@1 {self.last['val_i2t_r1']:.3f}")
         for task, m in self.eval_metrics.items():
             if isinstance(m, dict) and "balanced_accuracy" in m:
                 out.append(f"zero-shot {task}: balanced accuracy {m['balanced_accuracy']:.3f}")
+        if self.best:
+            b = self.best_record
+            out.append(f"best: {self.best} ({b['metric']} {b['value']:.4f} at step {b['step']}, {b['mode']})")
+        # Last line: the latest checkpoint (what a resume uses; scripts read it from here).
         return [*out, f"run_dir: {self.run_dir}", f"checkpoint: {self.checkpoint}"]
 
 
@@ -188,21 +255,36 @@ def run_pretrain(cfg: Config, resume_from: str = "") -> Summary:
     started = time.perf_counter()
     done = latest is not None and _step_of(latest, opts) >= cfg.train.max_steps
     if not done:
-        result = build_trainer(cfg, resume_from=resume_from).fit()
+        result = fit_or_explain(build_trainer(cfg, resume_from=resume_from))
         if result.error:
             raise result.error
         latest = latest_checkpoint(run, opts)
     if latest is None:
         raise RuntimeError(f"run {run} finished without a checkpoint")
     logged = read_metrics(run, opts)
+    record = read_best(run, opts)
     summary = Summary(run_dir=run, checkpoint=latest, step=_step_of(latest, opts), already_complete=done,
                       seconds=time.perf_counter() - started, first=logged[0] if logged else {},
-                      last=logged[-1] if logged else {})
+                      last=logged[-1] if logged else {}, best=best_uri(run) if record else "",
+                      best_record=record or {})
     if cfg.train.eval_at_end:
         from mama_ray.eval.runner import run_zero_shot
 
         summary.eval_metrics, summary.eval_table = run_zero_shot(cfg, latest, storage.join(run, "eval"))
     return summary
+
+
+def fit_or_explain(trainer):
+    """``trainer.fit()``; a worker's :class:`FatalTrainingError` comes back as that one error."""
+    from mama_ray.train.failure import fatal_error_of
+
+    try:
+        return trainer.fit()
+    except Exception as e:
+        fatal = fatal_error_of(e)
+        if fatal is None:
+            raise
+        raise fatal from None
 
 
 def _step_of(checkpoint_uri: str, opts: storage.StorageOptions) -> int:

@@ -9,6 +9,9 @@ Per optimizer step ``s`` (0-based): set the learning rates for ``s`` (late group
 once the late terms are on, as in the original), let DeepSpeed average gradients across ranks and
 step. Every ``train.log_every`` steps the metrics are reported; every ``train.checkpoint_every``
 steps and at the end a checkpoint is reported with them (both are barriers every rank reaches).
+Every ``train.val_every`` steps and at the end the val split is evaluated and its metrics join
+that step's report (:mod:`mama_ray.train.validate`); the best by ``train.best_metric`` is kept
+under ``<run>/best`` (:mod:`mama_ray.train.best`).
 """
 
 from __future__ import annotations
@@ -17,23 +20,30 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from mama_ray import monitoring
 from mama_ray.config import Config
+from mama_ray.models.flops import peak_tflops
 from mama_ray.train import checkpoint as ckpt_mod
 from mama_ray.train.context import TrainContext
 from mama_ray.train.deepspeed_config import build_deepspeed_config
+from mama_ray.train.failure import FatalTrainingError, as_fatal_first_step_error
 from mama_ray.train.metrics import (
     EventWriter,
     StepMeter,
+    eta_seconds,
     peak_memory_mb,
     print_progress,
     progress_line,
+    utilisation,
 )
 from mama_ray.train.optim import build_optimizer, group_lr, set_learning_rates
+from mama_ray.train.validate import Validation
 
 Batch = dict[str, Any]
 
@@ -76,7 +86,8 @@ class EpochCursor:
         fresh = False
         while True:
             if self._it is None:
-                self._it = iter(self.data.epoch_batches(self.state.epoch, self.state.samples_in_epoch))
+                self._it = iter(self.data.epoch_batches(self.state.epoch, self.state.samples_in_epoch,
+                                                        **self.state.source_args()))  # elastic history
                 fresh = self.state.samples_in_epoch == 0
             try:
                 batch = next(self._it)
@@ -135,6 +146,8 @@ class Reporter:
         self.cfg, self.ctx, self.stop, self.start_step = cfg, ctx, stop, start_step
         self.events = EventWriter(run_uri) if ctx.rank == 0 and run_uri else None
         self.started = time.perf_counter()
+        # MFU needs the device's peak: known GPUs only (mama_ray/models/flops.py PEAK_BF16_TFLOPS)
+        self.peak = peak_tflops(torch.cuda.get_device_name(ctx.device)) if ctx.on_gpu else None
 
     def metrics(self, meter: StepMeter, state: ckpt_mod.TrainState, out1: dict) -> dict[str, float]:
         m = meter.summary(self.ctx.world_size)
@@ -143,6 +156,8 @@ class Reporter:
                  lr_late=group_lr("late", self.cfg, step_idx), logit_scale=_scale(out1["logit_scale"]),
                  local_scale=_scale(out1["local_scale"]), memory_mb=peak_memory_mb(self.ctx.device),
                  start_step=self.start_step)
+        if self.peak:
+            m.update(utilisation(self.cfg, step_idx, m["samples_per_s"], self.ctx.world_size, self.peak))
         return m
 
     def publish(self, m: dict[str, float], state: ckpt_mod.TrainState, checkpoint_dir: str | None) -> None:
@@ -151,6 +166,8 @@ class Reporter:
             if checkpoint_dir:
                 self.events.flush()
             print_progress(progress_line(state.step, self.cfg.train.max_steps, m, self.started, self.start_step))
+        monitoring.publish_train(self.cfg.run.name, self.ctx.rank, self.ctx.world_size, m, eta_seconds(
+            state.step, self.cfg.train.max_steps, self.started, self.start_step))  # Prometheus, for the dashboard
         name = ckpt_mod.checkpoint_name(state.step) if checkpoint_dir else None
         self.ctx.report(m, checkpoint_dir, name)
 
@@ -174,7 +191,7 @@ def stop_step(cfg: Config) -> int:
 
 
 def train_loop(cfg: Config, ctx: TrainContext, data: BatchSource, *, run_uri: str = "",
-               build_model: Callable | None = None, tokenizer=None) -> dict[str, float]:
+               build_model: Callable | None = None, tokenizer=None, val=None) -> dict[str, float]:
     """Train until ``train.max_steps`` (or ``train.stop_at_step``), resuming from the context's checkpoint.
 
     Args:
@@ -184,10 +201,62 @@ def train_loop(cfg: Config, ctx: TrainContext, data: BatchSource, *, run_uri: st
         run_uri: run folder for TensorBoard events (``""`` = none).
         build_model: ``(cfg, tokenizer) -> MamaModel``; default :func:`mama_ray.models.build_model`.
         tokenizer: default ``load_tokenizer(cfg)``.
+        val: this rank's validation samples (a ``ValSource``); None = no validation.
     Returns:
         The last reported metrics (``{"step": …}`` only if the run was already complete).
     """
+    attempt = Attempt()
+    try:
+        return _train(cfg, ctx, data, run_uri, build_model, tokenizer, attempt, val)
+    except FatalTrainingError:
+        raise
+    except Exception as e:
+        # Before the attempt's first step is done, an error is a bug or a bad setting, not a lost
+        # node: restarting would repeat it (mama_ray/train/failure.py).
+        fatal = None if attempt.stepped else as_fatal_first_step_error(e, attempt.first_step)
+        if fatal is None:
+            raise
+        raise fatal from e
+
+
+@dataclass
+class Attempt:
+    """How far this attempt (one start of the worker group) got."""
+
+    first_step: int = 0  # the step it started from
+    stepped: bool = False  # whether it finished an optimizer step
+
+
+def _train(cfg, ctx, data, run_uri, build_model, tokenizer, attempt: Attempt, val=None) -> dict[str, float]:
     from mama_ray.losses import MamaObjective
+
+    engine, model, tokenizer, state = _start(cfg, ctx, build_model, tokenizer)
+    attempt.first_step = state.step
+    stop = stop_step(cfg)
+    if state.step >= stop:
+        return {"step": float(state.step)}
+    objective = MamaObjective(cfg.loss)
+    reporter = Reporter(cfg, ctx, run_uri, state.step, stop)
+    validation = Validation.start(cfg, ctx, val, tokenizer, run_uri)
+    cursor, meter, last = EpochCursor(data, state), StepMeter(), {}
+    engine.train()
+    while state.step < stop:
+        set_learning_rates(engine.optimizer.param_groups, cfg, state.step)
+        for _ in range(cfg.train.grad_accum):
+            batch, wait = cursor.next()
+            terms, out1 = micro_step(engine, objective, batch, state.step, ctx.device)
+            meter.add_micro(terms, len(batch["image1"]), wait, step=state.step)
+        state.step += 1
+        meter.steps += 1
+        attempt.stepped = True
+        last = _maybe_report(cfg, ctx, reporter, meter, state, out1, stop, engine, model, tokenizer,
+                             validation) or last
+    reporter.close()
+    return last
+
+
+def _start(cfg: Config, ctx: TrainContext, build_model: Callable | None, tokenizer):
+    """Model, engine and the train state (restored from the context's checkpoint, if any)."""
     from mama_ray.models import build_model as default_build
     from mama_ray.models.tokenizer import load_tokenizer
 
@@ -201,33 +270,38 @@ def train_loop(cfg: Config, ctx: TrainContext, data: BatchSource, *, run_uri: st
         else:
             state = ckpt_mod.TrainState(world_size=ctx.world_size)
             seed_everything(cfg.run.seed + 1 + ctx.rank)  # per-rank dropout streams
-    stop = stop_step(cfg)
-    if state.step >= stop:
-        return {"step": float(state.step)}
-    objective = MamaObjective(cfg.loss)
-    reporter = Reporter(cfg, ctx, run_uri, state.step, stop)
-    cursor, meter, last = EpochCursor(data, state), StepMeter(), {}
-    engine.train()
-    while state.step < stop:
-        set_learning_rates(engine.optimizer.param_groups, cfg, state.step)
-        for _ in range(cfg.train.grad_accum):
-            batch, wait = cursor.next()
-            terms, out1 = micro_step(engine, objective, batch, state.step, ctx.device)
-            meter.add_micro(terms, len(batch["image1"]), wait)
-        state.step += 1
-        meter.steps += 1
-        last = _maybe_report(cfg, ctx, reporter, meter, state, out1, stop, engine, model, tokenizer) or last
-    reporter.close()
-    return last
+    return engine, model, tokenizer, state
 
 
-def _maybe_report(cfg, ctx, reporter, meter, state, out1, stop, engine, model, tokenizer) -> dict | None:
-    """Report metrics on log steps and a checkpoint on checkpoint steps and at the end."""
+def check_finite(meter: StepMeter, state: ckpt_mod.TrainState, world_size: int) -> None:
+    """Fail the run (on every rank alike) if a loss term was NaN/inf on any rank since the last report.
+
+    Runs before anything is reported or checkpointed, so the latest checkpoint stays finite.
+    """
+    bad = meter.non_finite(world_size)
+    if len(bad) > 1:
+        bad.pop("loss", None)  # the weighted total is non-finite because a term is: name the term
+    if bad:
+        first = min(bad.values())
+        terms = ", ".join(f"{k} (first at step {s})" for k, s in sorted(bad.items(), key=lambda kv: kv[1]))
+        raise FatalTrainingError(
+            f"non-finite loss at optimizer step {first}: {terms}; stopped at step {state.step} "
+            "without a checkpoint, so the latest checkpoint is the last finite one. Lower optim.lr, "
+            "check the loss settings, or resume from an earlier checkpoint")
+
+
+def _maybe_report(cfg, ctx, reporter, meter, state, out1, stop, engine, model, tokenizer,
+                  validation=None) -> dict | None:
+    """Report metrics on log and validation steps and a checkpoint on checkpoint steps and at the end."""
     do_ckpt = state.step % cfg.train.checkpoint_every == 0 or state.step == stop
-    if not do_ckpt and state.step % cfg.train.log_every:
+    do_val = validation is not None and validation.due(state.step, stop)
+    if not do_ckpt and not do_val and state.step % cfg.train.log_every:
         return None
+    check_finite(meter, state, ctx.world_size)
     m = reporter.metrics(meter, state, out1)
-    meter.reset()
+    if do_val:
+        m.update(validation.run(engine, model, tokenizer, state))
+    meter.reset()  # after validation: the next window times training only
     if not do_ckpt:
         reporter.publish(m, state, None)
         return m

@@ -66,14 +66,16 @@ def _stop_session(sid: int, grace_s: float = 10.0) -> None:
 class Head:
     """A `ray start --head --block` in its own session; `submit`/`logs`/`status` talk to it."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, extra_env: dict[str, str | None] | None = None):
+        """``extra_env``: extra environment of the node (and so of its jobs); a None value removes a variable."""
         self.tmp = tmp
         token = tmp / "auth_token"
-        token.write_text(secrets.token_hex(32))
+        self.token = secrets.token_hex(32)
+        token.write_text(self.token)
         base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         self.client_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         gcs, dash, client, agent, agent_grpc, rt_agent, metrics, nm, om = _free_ports(9)
-        self.address = f"http://127.0.0.1:{dash}"
+        self.address, self.metrics_port = f"http://127.0.0.1:{dash}", metrics
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                "--include-dashboard=true", f"--ray-client-server-port={client}",
@@ -85,6 +87,11 @@ class Head:
         # The raylet's environment is what job drivers and workers inherit.
         env = {**self.client_env, "DS_ACCELERATOR": "cpu", "RAY_USAGE_STATS_ENABLED": "0",
                "RAY_TRAIN_ENABLE_STATE_TRACKING": "0"}
+        for k, v in (extra_env or {}).items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
         self.log = open(tmp / "head.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -173,7 +180,7 @@ def test_pretrain_job_succeeds_and_writes_a_checkpoint(head, bad_job, tmp_path):
     logs = head.cli("job", "logs", "pretrain-ok").stdout
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\n{logs[-3000:]}"
     assert head.status("pretrain-ok")[0] == "succeeded"
-    states = sorted(run_dir.rglob("train_state.json"))
+    states = sorted(run_dir.rglob("checkpoint_*/train_state.json"))  # not <run>/best/ (the best by val)
     assert states, f"no checkpoint under {run_dir}: {sorted(run_dir.rglob('*'))[:20]}"
     steps = sorted(json.loads(p.read_text())["step"] for p in states)
     assert steps == [2, 4]  # checkpoint_every=2 up to max_steps=4

@@ -59,15 +59,6 @@ def make_shards(root: Path, n_studies: int, seed: int, studies_per_file: int = 8
     return studies
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_prefetch_left_running():
-    """A whole epoch starts the next one in the background; stop it before other modules run."""
-    yield
-    from mama_ray.data import pipeline
-
-    pipeline.cancel_prefetch()
-
-
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     """``(folder, studies)``: 60 studies in 8 shards, fixed seed."""

@@ -1,7 +1,7 @@
 """Run one training epoch on its own small Ray cluster and print memory numbers as JSON.
 
 Used by ``test_pipeline_memory.py`` in a subprocess (it needs its own object-store limit):
-``python pipeline_memory_probe.py <work dir> <object store MB> <studies>``. Writes shards whose
+``python pipeline_memory_probe.py <work dir> <object store MB> <studies> [ranks on the node]``. Writes shards whose
 encoded images (incompressible noise) add up to many times the object store, streams an epoch
 through :func:`iter_train_batches` (its decoded samples are also more than the store), and
 samples the object store and this process's RSS.
@@ -71,13 +71,30 @@ class Sampler(threading.Thread):
             self.sample()
 
 
-def main(work: Path, store_mb: int, n_studies: int) -> None:
+def stream_epoch(cfg, ranks: int) -> int:
+    """Epoch 0 of ``ranks`` ranks sharing this node, each consumed on its own thread; samples seen."""
+    counts = [0] * ranks
+
+    def run(rank: int) -> None:
+        stream = pipeline.TrainStream(cfg, rank=rank, world_size=max(ranks, 4), local_ranks=ranks)
+        counts[rank] = sum(len(b["image_id"]) for b in stream.epoch(0, drop_last=False))
+        stream.close()  # the next epoch started when 3/4 of this one's samples were in
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts)
+
+
+def main(work: Path, store_mb: int, n_studies: int, ranks: int) -> None:
     import ray
     import torch  # noqa: F401 - imported before the RSS baseline: the collate needs it anyway
 
     data_bytes = write_shards(work / "shards", n_studies)
     temp = tempfile.mkdtemp(prefix="ray-mem-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ray.init(address="local", num_cpus=2, object_store_memory=store_mb * 1024**2, include_dashboard=False,
+    ray.init(address="local", num_cpus=max(2, ranks), object_store_memory=store_mb * 1024**2, include_dashboard=False,
              log_to_driver=False, _temp_dir=temp)
     # Output at the stored size: the decoded samples alone (≈ 190 MB) are ≈ 2.4× the store.
     cfg = config.load("tiny_cpu", {"data.shards": str(work / "shards"), "data.image_size": SIDE,
@@ -86,12 +103,12 @@ def main(work: Path, store_mb: int, n_studies: int) -> None:
     sampler.sample()
     rss_before = sampler.peak_rss
     sampler.start()
-    # Rank 0 of 4 reads every shard (inside its map tasks) but decodes only a quarter.
-    samples = sum(len(b["image_id"]) for b in pipeline.iter_train_batches(cfg, 0, rank=0, world_size=4, drop_last=False))
+    # One rank: rank 0 of 4, which reads and decodes a quarter of the row groups. Several: ranks
+    # 0..R-1 of R on this node, each its own execution.
+    samples = stream_epoch(cfg, ranks)
     sampler.stop.set()
     sampler.join()
     sampler.sample()
-    pipeline.cancel_prefetch()  # the next epoch started when this one's blocks were in
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
     print(json.dumps({"data_bytes": data_bytes, "store_limit": store_mb * 1024**2, "samples": samples,
@@ -101,4 +118,4 @@ def main(work: Path, store_mb: int, n_studies: int) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)

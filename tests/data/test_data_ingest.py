@@ -1,7 +1,8 @@
 """The ingest job end to end on a real Ray cluster: counts, shard contents, no PHI, restart, S3.
 
 One synthetic EMBED-like set (8 studies, one without density) is ingested once per module; the
-other tests reuse it or compare against it.
+other tests reuse it or compare against it. Ids and stored paths are HMAC pseudonyms under the
+test key, so the tests map table values through :func:`pseudonym` to find their rows.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from mama_ray.data.ingest import run_ingest
 from mama_ray.data.schema import SHARD_SCHEMA
 from mama_ray.data.shards import decode_image, read_manifest, sha256, shard_files
 from mama_ray.data.synthetic import make_synthetic
+from mama_ray.dicom import pseudonym, pseudonym_path
 
 REPO = Path(__file__).resolve().parents[2]
 N_STUDIES, SEED = 8, 3
-SETTINGS = ["ingest.long_side=64", "ingest.studies_per_shard=2", "ingest.row_group_studies=1"]
+KEY_ENV, KEY = "TEST_INGEST_PSEUDONYM_KEY", "ingest test key: 0123456789abcdef"
+os.environ[KEY_ENV] = KEY  # inherited by the job subprocess of the kill test
+SETTINGS = ["ingest.long_side=64", "ingest.studies_per_shard=2", "ingest.row_group_studies=1",
+            f"ingest.pseudonym_key=env:{KEY_ENV}"]
 
 
 def _cfg(*extra):
@@ -58,6 +63,11 @@ def _rows(out):
     return [r for f in shard_files(out) for r in pq.read_table(f).to_pylist()]
 
 
+def _ids(values):
+    """``{pseudonym: value}`` under the test key."""
+    return {pseudonym(str(v), KEY.encode()): str(v) for v in values}
+
+
 def test_counts_add_up_and_manifest_matches_files(clean_run, synthetic):
     summary, out = clean_run
     meta, clin = _tables(synthetic[1])
@@ -84,10 +94,10 @@ def test_shard_rows_follow_the_schema_tables_and_method(clean_run, synthetic):
     meta, clin = _tables(synthetic[1])
     assert pq.read_schema(shard_files(out)[0]).remove_metadata() == SHARD_SCHEMA
     rows = _rows(out)
-    split_of: dict[str, str] = {}
+    acc_of, split_of = _ids(clin.acc_anon), {}
     for row in rows:
         assert split_of.setdefault(row["patient_id"], row["split"]) == row["split"]  # by patient
-        c = clin[clin.acc_anon == row["study_id"]]
+        c = clin[clin.acc_anon == acc_of[row["study_id"]]]
         finding = c[c.side != "B"].iloc[0] if (c.side != "B").any() else c.iloc[0]
         assert sorted((i["laterality"], i["view"]) for i in row["images"]) == [
             ("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
@@ -97,14 +107,17 @@ def test_shard_rows_follow_the_schema_tables_and_method(clean_run, synthetic):
             assert im["codec"] == "png" and max(im["height"], im["width"]) == 64
             assert decode_image(im["image"], "png").shape == (im["height"], im["width"])
         assert row["reason"] == ("screening" if "Screening" in row["procedure"] else "diagnostic")
-    assert len(split_of) == meta[meta.acc_anon.isin([r["study_id"] for r in rows])].empi_anon.nunique()
+    assert set(split_of) <= set(_ids(meta.empi_anon))
+    assert len(split_of) == meta[meta.acc_anon.isin([acc_of[r["study_id"]] for r in rows])].empi_anon.nunique()
 
 
-def test_monochrome1_images_have_the_polarity_of_monochrome2_ones(clean_run):
+def test_monochrome1_images_have_the_polarity_of_monochrome2_ones(clean_run, synthetic):
     _, out = clean_run
+    meta, _ = _tables(synthetic[1])  # the key holder maps a stored source back to its file
+    file_of = {pseudonym_path(p, KEY.encode()): f"{synthetic[0]}/{p}" for p in meta.anon_dicom_path}
     seen = Counter()
     for im in (i for r in _rows(out) for i in r["images"]):
-        photometric = pydicom.dcmread(im["source"], stop_before_pixels=True).PhotometricInterpretation
+        photometric = pydicom.dcmread(file_of[im["source"]], stop_before_pixels=True).PhotometricInterpretation
         img = decode_image(im["image"], "png")
         h, w = img.shape
         darkest_corner = min(int(img[y, x]) for y in (0, h - 1) for x in (0, w - 1))
@@ -124,6 +137,20 @@ def test_identifying_tags_never_reach_any_output_byte(clean_run, synthetic):
     assert len(secrets) > 4 * N_STUDIES // 2 and blobs
     leaked = [s for s in secrets if any(s.encode() in b for b in blobs)]
     assert leaked == []
+    assert not any(KEY.encode() in b for b in blobs)  # nor the key
+
+
+def test_shards_hold_pseudonymised_relative_paths_the_quarantine_full_ones(clean_run, synthetic):
+    _, out = clean_run
+    meta, _ = _tables(synthetic[1])
+    parts = {part for p in meta.anon_dicom_path for part in p.split("/")}  # patient/accession/file
+    stored = [p.read_bytes() for p in Path(out).glob("*") if p.is_file() and p.name != "quarantine.parquet"]
+    assert len(parts) > 2 * N_STUDIES and not [p for p in parts if any(p.encode() in b for b in stored)]
+    sources = {i["source"] for r in _rows(out) for i in r["images"]}
+    assert sources <= {pseudonym_path(p, KEY.encode()) for p in meta.anon_dicom_path}
+    assert all(s.count("/") == 2 for s in sources)  # relative: patient/accession/file, no root
+    q = pq.read_table(f"{out}/quarantine.parquet").to_pylist()
+    assert q and all(e["source"].startswith(f"{synthetic[0]}/") for e in q)  # for the operator
 
 
 def test_rerun_skips_finished_shards_and_keeps_bytes(clean_run, synthetic):
@@ -134,6 +161,19 @@ def test_rerun_skips_finished_shards_and_keeps_bytes(clean_run, synthetic):
     assert {p.name: p.read_bytes() for p in Path(out).glob("*.parquet")} == before
     with pytest.raises(ValueError, match="--overwrite"):
         run_ingest(synthetic[0], out, _cfg("ingest.long_side=32"), tables=synthetic[1])
+    os.environ["TEST_INGEST_OTHER_KEY"] = "another key, also 16+ bytes"
+    with pytest.raises(ValueError, match="pseudonym key"):  # other key → other ids: never mixed
+        run_ingest(synthetic[0], out, _cfg("ingest.pseudonym_key=env:TEST_INGEST_OTHER_KEY"), tables=synthetic[1])
+
+
+def _settled_receipts(out: Path, quiet_s: float = 3.0) -> int:
+    """Receipts in ``out`` once no new one has appeared for ``quiet_s`` seconds."""
+    n, since = -1, time.time()
+    while time.time() - since < quiet_s:
+        now = len(list(out.glob("_parts/shard-*.json")))
+        n, since = (now, time.time()) if now != n else (n, since)
+        time.sleep(0.1)
+    return n
 
 
 @pytest.mark.slow
@@ -152,9 +192,9 @@ def test_killed_and_restarted_ingest_equals_one_clean_run(clean_run, synthetic, 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "the job finished before it could be killed"
-    done = len(list(out.glob("_parts/shard-*.json")))
+    done = _settled_receipts(out)  # Ray stops the dead driver's tasks; one may finish meanwhile
     summary = run_ingest(synthetic[0], str(out), _cfg(), tables=synthetic[1])
-    assert 1 <= summary.skipped_shards == done < summary.shards
+    assert 1 <= done == summary.skipped_shards < summary.shards
     for name in ["manifest.json", "quarantine.parquet", *[Path(f).name for f in shard_files(clean)]]:
         assert (out / name).read_bytes() == (Path(clean) / name).read_bytes(), name
 
@@ -164,7 +204,7 @@ def test_ingest_from_and_to_s3(ray_session, s3_bucket):
     _, bucket = s3_bucket
     dicoms, tables = make_synthetic(f"s3://{bucket}/in", 3, SEED)
     out = f"s3://{bucket}/shards"
-    summary = run_ingest(dicoms, out, _cfg(), tables=tables)
+    summary = run_ingest(dicoms, out, _cfg("ingest.keep_source_paths=true"), tables=tables)
     assert (summary.studies, summary.images, summary.shards) == (3, 12, 2)
     manifest = read_manifest(out)
     from mama_ray.storage import read_bytes

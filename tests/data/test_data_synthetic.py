@@ -76,7 +76,7 @@ def test_density_and_masses_are_visible_at_64_px(synth):
         c = clin[clin.acc_anon == r.acc_anon]
         if c.tissueden.isna().any():
             continue
-        img, _ = read_image(f"{synth[0]}/{r.anon_dicom_path}", PixelSettings(long_side=64))
+        img = read_image(f"{synth[0]}/{r.anon_dicom_path}", PixelSettings(long_side=64))
         means[int(c.tissueden.iloc[0])].append(float(img[img > 30].mean()))
         side = c[c.side == r.ImageLateralityFinal]
         mass = len(side) > 0 and side.asses.iloc[0] in ("S", "M", "K")
@@ -87,10 +87,15 @@ def test_density_and_masses_are_visible_at_64_px(synth):
 
 
 @pytest.mark.slow
-def test_default_shards_are_built_once(ray_session, tmp_path):
+def test_default_shards_are_built_once(ray_session, tmp_path, capsys):
     cfg = load("tiny_cpu", [f"storage.cache_dir={tmp_path}", "data.synthetic_studies=4"])
     shards = ensure_default_shards(cfg)
     assert shards == f"{tmp_path}/synthetic-n4-s42-L128/shards"
+    key = Path(shards).parent / "pseudonym.key"  # generated beside the set, private, with a note
+    assert key.stat().st_mode & 0o777 == 0o600 and f"pseudonym key for the synthetic default set at {key}" in (
+        capsys.readouterr().out)
+    secret = key.read_text().strip().encode()
+    assert len(secret) == 64 and not any(secret in p.read_bytes() for p in Path(shards).rglob("*") if p.is_file())
     manifest = Path(shards) / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     start = time.perf_counter()

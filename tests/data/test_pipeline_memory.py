@@ -14,18 +14,33 @@ PROBE = Path(__file__).with_name("pipeline_memory_probe.py")
 STORE_MB, STUDIES = 80, 650  # 650 studies × 4 noise images of 384² ≈ 385 MB encoded ≈ 4.8× the store
 
 
+def probe(tmp_path: Path, ranks: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster
+    done = subprocess.run([sys.executable, str(PROBE), str(tmp_path), str(STORE_MB), str(STUDIES), str(ranks)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_epoch_streams_a_data_set_many_times_the_object_store(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster
-    done = subprocess.run([sys.executable, str(PROBE), str(tmp_path), str(STORE_MB), str(STUDIES)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    m = json.loads(done.stdout.strip().splitlines()[-1])
+    m = probe(tmp_path, ranks=1)
     assert m["data_bytes"] >= 4.5 * m["store_limit"]  # the premise: far more data than store
-    assert m["samples"] == STUDIES  # rank 0 of 4: every fourth of the 4 × STUDIES images
+    assert m["samples"] == STUDIES // 16 * 16  # rank 0 of 4: a quarter of the 4 × STUDIES images, whole micro-batches
     # shard bytes are read inside the map tasks; the decoded samples (≈ 2.4× the store) pass through it
     assert m["created"] >= 2 * m["store_limit"]
     assert m["peak_store"] <= m["store_limit"]
     assert m["spilled"] == 0  # streamed, never materialised (not even on disk)
     # the consumer holds a few blocks, not the data set (store pages it maps count in RSS)
     assert m["peak_rss"] - m["rss_before"] < m["store_limit"] + 64 * 1024**2
+
+
+@pytest.mark.slow
+def test_eight_ranks_on_one_node_share_the_object_store(tmp_path):
+    """8 ranks, one execution each, on one node (8 logical CPUs): each gets 1/8 of the store's share."""
+    m = probe(tmp_path, ranks=8)
+    # 2600 images over 8 ranks in whole micro-batches of 16: 2600 // (8 × 16) × 16 = 320 each
+    assert m["samples"] == 8 * 320
+    assert m["created"] >= 2 * m["store_limit"]  # the decoded samples of the whole data set pass through
+    assert m["peak_store"] <= m["store_limit"]
+    assert m["spilled"] == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import os
 import warnings
@@ -24,6 +26,7 @@ from mama_ray.dicom import (
 from mama_ray.dicom.pixels import to_uint8
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"  # bundled, no download
+KEY = b"test pseudonym key, 32 bytes ok"
 RAW = PixelSettings(long_side=64, scaling="voi", crop=False)
 TAGS = dict(SOPInstanceUID="1.2.3.4", StudyInstanceUID="1.2.3", PatientID="MRN1",
             PatientName="Doe^Jane", PatientBirthDate="19600101", ViewPosition="CC",
@@ -56,8 +59,8 @@ def test_minmax_is_the_originals_255_over_max_without_min_shift():
 
 
 def test_first_window_is_used_when_there_are_several():
-    one, _ = read_image(_file(_ramp()), RAW)
-    two, _ = read_image(_file(_ramp(), two_windows=True), RAW)
+    one = read_image(_file(_ramp()), RAW)
+    two = read_image(_file(_ramp(), two_windows=True), RAW)
     np.testing.assert_array_equal(one, two)  # the 2nd (narrow) window is ignored
     assert one[0, 0] == 0 and one[0, -1] == 255
 
@@ -66,8 +69,8 @@ def test_first_window_is_used_when_there_are_several():
 def test_monochrome1_comes_out_with_monochrome2_polarity(scaling):
     display = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))  # dark → bright
     settings = PixelSettings(long_side=64, scaling=scaling, crop=False)
-    mono2, _ = read_image(_file(_stored(display, 14, False), bits=14), settings)
-    mono1, _ = read_image(_file(_stored(display, 14, True), bits=14, mono1=True), settings)
+    mono2 = read_image(_file(_stored(display, 14, False), bits=14), settings)
+    mono1 = read_image(_file(_stored(display, 14, True), bits=14, mono1=True), settings)
     assert mono2[0, -1] > 200 and mono2[0, 0] < 5  # bright = high display value
     assert mono1[0, -1] > 200 and mono1[0, 0] < 20 and np.all(np.diff(mono1[0].astype(int)) >= 0)
     if scaling == "voi":  # the window undoes the stored inversion exactly
@@ -76,22 +79,22 @@ def test_monochrome1_comes_out_with_monochrome2_polarity(scaling):
 
 def test_jpeg2000_decodes_to_the_pixels_of_its_uncompressed_twin():
     pixels = np.random.default_rng(0).integers(0, 4096, (80, 64)).astype(np.uint16)
-    plain, _ = read_image(_file(pixels), RAW)
+    plain = read_image(_file(pixels), RAW)
     j2k_bytes = _file(pixels, syntax=JPEG2000Lossless)
     assert pydicom.dcmread(io.BytesIO(j2k_bytes)).file_meta.TransferSyntaxUID == JPEG2000Lossless
-    j2k, _ = read_image(j2k_bytes, RAW)
+    j2k = read_image(j2k_bytes, RAW)
     np.testing.assert_array_equal(j2k, plain)
     # pydicom's own pair: the same MR slice uncompressed and as JPEG 2000 lossless
-    a, _ = read_image(str(TEST_FILES / "MR_small.dcm"), RAW)
-    b, _ = read_image(str(TEST_FILES / "MR_small_jp2klossless.dcm"), RAW)
+    a = read_image(str(TEST_FILES / "MR_small.dcm"), RAW)
+    b = read_image(str(TEST_FILES / "MR_small_jp2klossless.dcm"), RAW)
     np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
                                   "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
 def test_every_lossless_syntax_of_the_mr_slice_gives_the_same_image(name):
-    a, _ = read_image(str(TEST_FILES / "MR_small.dcm"), RAW)
-    b, _ = read_image(str(TEST_FILES / name), RAW)
+    a = read_image(str(TEST_FILES / "MR_small.dcm"), RAW)
+    b = read_image(str(TEST_FILES / name), RAW)
     np.testing.assert_array_equal(a, b)
 
 
@@ -125,12 +128,14 @@ def test_unsupported_transfer_syntax_and_cut_file_are_reported():
         read_image(whole[: len(whole) - 3000], RAW)
 
 
-def test_tags_are_pseudonymous_and_carry_no_names():
-    tags = read_header(_file(_ramp()))
+def test_tags_are_keyed_pseudonyms_and_carry_no_names():
+    tags = read_header(_file(_ramp()), KEY)
     assert (tags.laterality, tags.view, tags.modality, tags.age) == ("L", "CC", "MG", 61)
-    assert tags.study_id == read_header(_file(_ramp())).study_id != "1.2.3"
-    assert len(tags.study_id) == 20 and tags.patient_id != "MRN1"
-    assert not any(v in str(tags) for v in ("Doe", "Jane", "19600101", "MRN1"))
+    # HMAC-SHA256(KEY, "1.2.3")[:20] and HMAC-SHA256(KEY, "MRN1")[:20], worked out with hmac directly
+    assert tags.study_id == hmac.new(KEY, b"1.2.3", hashlib.sha256).hexdigest()[:20]
+    assert tags.patient_id == hmac.new(KEY, b"MRN1", hashlib.sha256).hexdigest()[:20]
+    assert tags.study_id != read_header(_file(_ramp()), b"another key of 16+ bytes").study_id
+    assert not any(v in str(tags) for v in ("Doe", "Jane", "19600101", "MRN1", "1.2.3"))
 
 
 def test_otsu_crop_finds_the_bright_box_and_resize_keeps_aspect():
@@ -148,5 +153,5 @@ def test_s3_source_reads_like_a_local_one(s3_bucket):
     _, bucket = s3_bucket
     data = _file(_ramp())
     write_bytes(f"s3://{bucket}/x/a.dcm", data)
-    np.testing.assert_array_equal(read_image(f"s3://{bucket}/x/a.dcm", RAW)[0], read_image(data, RAW)[0])
+    np.testing.assert_array_equal(read_image(f"s3://{bucket}/x/a.dcm", RAW), read_image(data, RAW))
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1")

@@ -37,3 +37,16 @@ def test_report_poll_interval_is_passed_to_ray(tmp_path, monkeypatch):
 def test_report_poll_interval_must_be_positive():
     with pytest.raises(ConfigError, match="train.report_poll_s"):
         config.load("tiny_cpu", {"train.report_poll_s": 0})
+
+
+def test_utilisation_from_the_flop_model():
+    from mama_ray.models.flops import pair_flops
+    from mama_ray.train.metrics import utilisation
+
+    cfg = config.load("base")  # late from step 8000
+    early = pair_flops(cfg, late=False, world_size=4).total.model
+    late = pair_flops(cfg, late=True, world_size=4).total.model
+    u = utilisation(cfg, 7999, samples_per_s=400.0, world_size=4, peak_tflops=989.0)
+    assert u["tflop_per_pair"] == early / 1e12  # ≈ 2.38 TFLOP per pair before the late step
+    assert u["mfu"] == pytest.approx(100.0 * early / 989e12)  # 100 pairs/s per GPU
+    assert utilisation(cfg, 8000, 400.0, 4, 989.0)["tflop_per_pair"] == late / 1e12 > early / 1e12

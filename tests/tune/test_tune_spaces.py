@@ -1,6 +1,7 @@
 """Search spaces and the sweep's bookkeeping, without Ray: field names, ranges, places, table, ranking."""
 
 import math
+from pathlib import Path
 
 import pytest
 from ray import tune
@@ -10,6 +11,7 @@ from mama_ray.config import ConfigError
 from mama_ray.sweep import (
     best_config,
     check_space,
+    check_sweep,
     check_tune_settings,
     csv_table,
     markdown_table,
@@ -18,6 +20,8 @@ from mama_ray.sweep import (
     sweep_uri,
     trial_config,
 )
+
+REPO = Path(__file__).parents[2]
 
 
 @pytest.mark.parametrize("preset", ["tiny_tune", "base"])
@@ -60,12 +64,45 @@ def test_tune_settings_are_checked():
         check_tune_settings(config.load("tiny_tune", {"tune.metric": "zero_shot_birads_balanced_accuracy"}))
     with pytest.raises(ConfigError, match="tune.reduction_factor"):
         check_tune_settings(config.load("tiny_tune", {"tune.reduction_factor": 1}))
+    with pytest.raises(ConfigError, match="'tune.metric'.*train.val_every"):
+        check_tune_settings(config.load("tiny_tune", {"train.val_every": 0}))  # val_clip_loss, never reported
+    with pytest.raises(ConfigError, match="'tune.metric'.*val_i2t_r1"):
+        check_tune_settings(config.load("tiny_tune", {"tune.metric": "val_r1"}))
+    check_tune_settings(config.load("tiny_tune"))  # the default sweep is fine
+
+
+@pytest.mark.parametrize("metric", ["loss", "val_loss"])
+def test_weighted_metric_with_weight_space_is_refused(spaces, metric):
+    cfg = config.load("base", {"tune.metric": metric})
+    with pytest.raises(ConfigError, match=r"config field 'tune.metric'.*loss.mv_weight.*val_clip_loss"):
+        check_sweep(cfg, spaces.get_space("loss_weights"))
+    check_sweep(cfg, spaces.get_space("lora"))  # no weight varies: a weighted total compares
+    check_sweep(config.load("base"), spaces.get_space("loss_weights"))  # default metric: val_clip_loss
+
+
+def test_sweep_cli_refuses_weighted_metric_before_starting(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, str(REPO / "tune" / "sweep.py"), "--space", "loss_weights",
+                          "--set", "tune.metric=loss", "--set", f"storage.run_dir={tmp_path}"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "config field 'tune.metric'" in out.stderr and "val_clip_loss" in out.stderr
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+NO_VAL = {"train.val_every": 0}
 
 
 @pytest.mark.parametrize(("over", "want"), [
-    ({}, 6),  # 12 steps, a report every 2 (the last is also the checkpoint)
-    ({"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4}, 6),  # 3 4 6 8 9 10
-    ({"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4, "train.stop_at_step": 5}, 3),
+    ({}, 6),  # 12 steps, a report (and a validation) every 2 (the last is also the checkpoint)
+    ({"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4, **NO_VAL}, 6),  # 3 4 6 8 9 10
+    ({"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4, "train.stop_at_step": 5, **NO_VAL}, 3),
+    ({"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4, "train.val_every": 5}, 7),  # + 5
+    ({"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4, "train.stop_at_step": 5}, 4),  # 2 3 4 5
 ])
 def test_report_count(over, want):
     assert report_count(config.load("tiny_tune", over)) == want

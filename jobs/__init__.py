@@ -1,0 +1,1 @@
+"""The jobs (thin entry points); installed as ``mama_ray.jobs`` for the ``mama-*`` console scripts."""
