@@ -9,7 +9,7 @@ and ``micro_step`` driven by a plain PyTorch engine (``torch.optim.AdamW``, bf16
 DeepSpeed, no Ray) as the baseline of each setting. MFU = pairs/s × model FLOPs per pair
 (``mama_ray.models.flops``) ÷ the device's dense bf16 peak; HFU adds the recompute.
 
-Data: in-memory micro-batches of the training-sample contract (design.md §3.3: uint8 gray views
+Data: in-memory micro-batches of the training-sample contract (docs/architecture.md, batch dict: uint8 gray views
 broadcast to 3 channels, real structured captions with meta masking, tokenised by the pipeline's
 ``tokenize``), cycled. The Ray Data pipeline is benchmarked on its own (bench/pipeline.py); here
 it would only measure the CPUs of the box. Data wait is still measured — the time ``EpochCursor``
@@ -83,7 +83,7 @@ def plan(args: argparse.Namespace) -> list[Setting]:
     return ours + ([Setting("plain", 0, c) for c in args.ckpt] if args.plain else [])
 
 
-# ---- data: in-memory micro-batches of the §3.3 contract ----------------------------------------
+# ---- data: in-memory micro-batches of the batch-dict contract ----------------------------------------
 
 
 def synthetic_batches(cfg: config.Config, count: int, seed: int = 0) -> list[dict]:
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.preset} preset at {bench_config(args, plan(args)[0]).data.image_size} px on {device} "
           f"(peak {peak or 'unknown: pass --peak-tflops'} TFLOP/s), micro-batch {args.micro_batch} × accumulation "
           f"{args.grad_accum}, {args.warmup} warm-up + {args.steps} timed steps per phase, "
-          f"in-memory §3.3 batches, {time.perf_counter() - started:.0f} s in all")
+          f"in-memory batch dicts, {time.perf_counter() - started:.0f} s in all")
     print("\n".join(result_rows(args, results, peak)))
     for r in results:
         if r.get("error") and r.get("phases"):

@@ -72,10 +72,10 @@ class IngestConfig:
 class DataConfig:
     shards: str = ""  # URI of the ingested shards; empty = the default synthetic set in cache_dir
     synthetic_studies: int = 64  # studies generated for the default synthetic set
-    image_size: int = 518  # side of the square training image (method §1.6)
-    second_view_prob: float = 0.5  # probability that x2 is another image of the same study (§1.5)
+    image_size: int = 518  # side of the square training image (method.md §1.6)
+    second_view_prob: float = 0.5  # probability that x2 is another image of the same study (method.md §1.5)
     plan_window: int = 512  # samples per ordering window of a rank (at least; one map task reads and emits one)
-    augment: bool = True  # SimCLR-style train augmentation (§1.6); false = eval transform
+    augment: bool = True  # SimCLR-style train augmentation (method.md §1.6); false = eval transform
     map_batch_size: int = 16  # samples per Ray Data map_batches call
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves
@@ -87,8 +87,8 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    max_len: int = 144  # tokens per caption after BOS/EOS and right padding (method §1.3)
-    mask_meta: float = 0.8  # per-field probability of masking a meta field in training (§1.4)
+    max_len: int = 144  # tokens per caption after BOS/EOS and right padding (method.md §1.3)
+    mask_meta: float = 0.8  # per-field probability of masking a meta field in training (method.md §1.4)
     tokenizer: str = ""  # URI of a Hugging Face tokenizer folder; empty = build the tiny one offline
 
 
@@ -115,7 +115,7 @@ class TextTowerConfig:
     max_positions: int = 1024  # position embeddings
     vocab_size: int = 0  # vocabulary before added tokens; 0 = the tokenizer's
     grad_ckpt: bool = False  # HF gradient checkpointing of the trunk
-    train_pooling: Literal["mean", "first_pad"] = "mean"  # global text feature in training (§2.2)
+    train_pooling: Literal["mean", "first_pad"] = "mean"  # global text feature in training (method.md §2.2)
     train_trunk: bool = False  # also train every trunk weight, embeddings included (the method freezes the pretrained trunk; for a random-init trunk)
 
 
@@ -146,10 +146,10 @@ class LossConfig:
     clip2_weight: float = 1.0  # L_clip(V2, U), second view against the primary caption
     mv_weight: float = 1.0  # multi-view NT-Xent
     sla_weight: float = 1.0  # symmetric local alignment
-    late_loss_step: int = 8000  # optimizer step from which clip2/mv/sla join (method §3)
+    late_loss_step: int = 8000  # optimizer step from which clip2/mv/sla join (method.md §3)
     ntxent_temperature: float = 0.5  # NT-Xent temperature (fixed)
     gather_ntxent: bool = True  # all-gather NT-Xent features across ranks with gradient
-    sync_local_heads: bool = True  # all-reduce local heads' gradients (the original did not, §6.6)
+    sync_local_heads: bool = True  # all-reduce local heads' gradients (the original did not, method.md §6.6)
 
 
 @dataclass
@@ -159,7 +159,7 @@ class OptimConfig:
     warmup_steps: int = 4000  # linear warm-up, in optimizer steps
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # applied to every trainable parameter (method §4)
+    weight_decay: float = 0.1  # applied to every trainable parameter (method.md §4)
     decay_all: bool = True  # true: decay biases/norms/scales too (paper); false: only ≥2-D weights
     grad_clip: float = 0.0  # max gradient norm; 0 = no clipping (paper)
 
@@ -199,11 +199,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    text_feature: Literal["first_pad", "mean"] = "first_pad"  # zero-shot text feature (§5.1)
+    text_feature: Literal["first_pad", "mean"] = "first_pad"  # zero-shot text feature (method.md §5.1)
     balanced_test: bool = True  # evaluate on a class-balanced subset of the test split
     split: Literal["train", "val", "test"] = "test"  # split evaluated
     batch_size: int = 32  # inference batch size
-    probe_steps: int = 8000  # linear-probe / fine-tune optimizer steps (§5.3)
+    probe_steps: int = 8000  # linear-probe / fine-tune optimizer steps (method.md §5.3)
     probe_lr: float = 5e-4  # probe SGD learning rate
     probe_batch_size: int = 36  # probe batch size
     probe_warmup_steps: int = 100  # probe linear warm-up steps (then cosine to probe_min_lr)

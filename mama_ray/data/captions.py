@@ -1,4 +1,4 @@
-"""Structured captions, meta masking and zero-shot prompts (method §1.3, §1.4, §5.1).
+"""Structured captions, meta masking and zero-shot prompts (method.md §1.3, §1.4, method.md §5.1).
 
 The literal phrases here are part of the method: zero-shot prompts reuse the training template,
 so change nothing without changing both. A caption is built in two steps:
@@ -148,7 +148,7 @@ def impression_text(letter: str) -> str:
 
 
 def caption_text(f: CaptionFields, masked: frozenset[str] = frozenset()) -> str:
-    """The full structured caption (§1.3) with the meta fields in ``masked`` → ``unknown``."""
+    """The full structured caption (method.md §1.3) with the meta fields in ``masked`` → ``unknown``."""
     if not is_complete(f):
         raise ValueError(f"incomplete caption fields (procedure/reason/density/BI-RADS required): {f}")
     return prefix_text(f, masked) + density_text(f.density) + findings_text(f) + impression_text(f.birads)
@@ -161,7 +161,7 @@ def to_model_text(caption: str) -> str:
 
 
 def sample_masked(rng: np.random.Generator, p: float) -> frozenset[str]:
-    """Each meta field masked independently with probability ``p`` (§1.4)."""
+    """Each meta field masked independently with probability ``p`` (method.md §1.4)."""
     draws = rng.random(len(META_FIELDS))
     return frozenset(name for name, d in zip(META_FIELDS, draws, strict=True) if d < p)
 

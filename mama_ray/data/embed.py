@@ -1,4 +1,4 @@
-"""EMBED tables → per-image records (method §1.1, §1.2, §1.3 fields, §1.7 split).
+"""EMBED tables → per-image records (method.md §1.1, §1.2, method.md §1.3 fields, method.md §1.7 split).
 
 Reads the image metadata, the clinical table (full, with mass/calcification codes; the reduced
 one also works) and the legend that decodes those codes, from a folder or prefix of CSV/Parquet
@@ -92,7 +92,7 @@ def load_tables(tables: str, opts: StorageOptions | None = None) -> EmbedTables:
 
 
 # ------------------------------------------------------------------------------------------
-# §1.2 clinical-row choice and value cleaning
+# method.md §1.2 clinical-row choice and value cleaning
 # ------------------------------------------------------------------------------------------
 
 
@@ -103,7 +103,7 @@ def _letter_number(value) -> int | None:
 
 def choose_clinical_row(rows: list[dict], side: str | None) -> int | None:
     """Position in ``rows`` (clinical rows of one study) of the row describing an image of
-    laterality ``side`` (§1.2).
+    laterality ``side`` (method.md §1.2).
 
     Same side, else side ``B``, else all rows; a mix of A/N/B only → the A row; otherwise the
     highest BI-RADS number (first on ties); no valid letter → the first row. None if no rows.
@@ -148,7 +148,7 @@ def _decode(codes: dict, header: str, row: dict) -> str | None:
 
 
 def caption_fields(meta: dict, clin: dict | None, codes: dict) -> CaptionFields:
-    """Caption fields of one image from its metadata row and chosen clinical row (§1.3)."""
+    """Caption fields of one image from its metadata row and chosen clinical row (method.md §1.3)."""
     procedure = _clean(meta["StudyDescription"])
     clin = clin or {}
     get = clin.get
@@ -200,7 +200,7 @@ def _by_study(clinical: pd.DataFrame) -> dict[str, list[dict]]:
 
 
 class _ClinicalIndex:
-    """Clinical rows by study, with the §1.2 choice cached per (study, side)."""
+    """Clinical rows by study, with the method.md §1.2 choice cached per (study, side)."""
 
     def __init__(self, clinical: pd.DataFrame):
         self.by_acc = _by_study(clinical)
@@ -248,7 +248,7 @@ def image_records(tables: EmbedTables, dicoms: str) -> tuple[list[ImageRecord], 
 
 
 def patient_splits(patients, fractions: list[float], seed: int) -> dict[str, str]:
-    """Patient-level random split (§1.7): ``{patient_id: "train"|"val"|"test"}``.
+    """Patient-level random split (method.md §1.7): ``{patient_id: "train"|"val"|"test"}``.
 
     Patients are sorted, permuted by ``seed``; the first ``fractions[0]`` share is train, the next
     ``fractions[1]`` val, the rest test — so the split depends only on the patient set and the seed.

@@ -1,11 +1,11 @@
 """The ingest job: EMBED tables or a DICOM folder → Parquet shards, on Ray.
 
 1. **Plan** (driver, no pixels): with tables, :mod:`mama_ray.data.embed` gives per-image records
-   (method §1.1–1.3 drop rules); with a folder only, Ray tasks read every header (a 64 KiB
+   (method.md §1.1–1.3 drop rules); with a folder only, Ray tasks read every header (a 64 KiB
    prefix of each file) and derives study, patient, laterality and view (no labels; non-MG
    modalities are quarantined unless ``ingest.admit_non_mg``). Ids and stored paths become keyed
    pseudonyms (HMAC-SHA256 under ``ingest.pseudonym_key``), ages over 89 become 90. Studies are
-   sorted by id, split by patient (§1.7), and cut into *planned shards* of ``studies_per_shard`` —
+   sorted by id, split by patient (method.md §1.7), and cut into *planned shards* of ``studies_per_shard`` —
    so shard membership depends only on the inputs, the key and the config, and every run writes
    the same bytes.
 2. **Process** (Ray tasks, a few studies each): read + normalise each DICOM (:mod:`mama_ray.dicom`)

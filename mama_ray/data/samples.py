@@ -36,7 +36,7 @@ STRING_KEYS = ("caption", "study_id", "image_id", "image2_id")
 
 
 def caption_fields(study: dict[str, Any], image: dict[str, Any]) -> captions.CaptionFields:
-    """The caption fields of one image of a study row (schema §3.2)."""
+    """The caption fields of one image of a study row (docs/architecture.md, shard schema)."""
     return captions.CaptionFields(**{f: (study if f in STUDY_CAPTION_FIELDS else image).get(f)
                                      for f in CAPTION_FIELDS})
 
@@ -48,7 +48,7 @@ def usable_images(study: dict[str, Any]) -> list[int]:
 
 
 def density_class(density: int | None) -> int:
-    """tissueden 1–4 → class 0–3; male (5) or unknown → −1 (method §1.7)."""
+    """tissueden 1–4 → class 0–3; male (5) or unknown → −1 (method.md §1.7)."""
     return int(density) - 1 if density in (1, 2, 3, 4) else -1
 
 
@@ -98,7 +98,7 @@ def sample_rng(seed: int, epoch: int, q: int) -> np.random.Generator:
 
 
 def _second_image(rng: np.random.Generator, usable: list[int], first: int, prob: float) -> int:
-    """§1.5: another usable image of the study with probability ``prob``, else the same one."""
+    """method.md §1.5: another usable image of the study with probability ``prob``, else the same one."""
     others = [i for i in usable if i != first]
     if rng.random() < prob and others:
         return others[int(rng.integers(len(others)))]

@@ -1,4 +1,4 @@
-"""The shard schema (design §3.2): one Parquet row per study, images as a list of structs.
+"""The shard schema (docs/architecture.md, shard schema): one Parquet row per study, images as a list of structs.
 
 Both the ingest (writer) and the training pipeline (reader) use these definitions; bump
 ``SCHEMA_VERSION`` on any change and record it in ``manifest.json``.

@@ -61,7 +61,7 @@ def decode_image(data: bytes, codec: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------
-# Shard files, quarantine report, manifest (design §3.2)
+# Shard files, quarantine report, manifest (docs/architecture.md, shard schema)
 # ------------------------------------------------------------------------------------------
 
 QUARANTINE_SCHEMA = pa.schema([

@@ -237,7 +237,7 @@ TENSOR_KEYS = ("image1", "image2", "input_ids", "attention_mask", "sep_mask", "d
 
 
 def collate(rows: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, Any]:
-    """Rows (a numpy batch and a row index) → the §3.3 dict of torch tensors and string lists.
+    """Rows (a numpy batch and a row index) → the batch dict (docs/architecture.md) of torch tensors and string lists.
 
     ``image1``/``image2`` come out as B×3×S×S uint8: a broadcast view of the one gray channel (no
     copy; move ``image[:, :1]`` to the device and expand there to send a third of the bytes).

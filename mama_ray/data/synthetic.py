@@ -208,7 +208,7 @@ def _studies(n: int, seed: int) -> list[SyntheticStudy]:
 
 
 def _clinical_rows(s: SyntheticStudy) -> list[dict]:
-    """One row per finding side (§1.2 picks per image); a negative exam has one bilateral row."""
+    """One row per finding side (method.md §1.2 picks per image); a negative exam has one bilateral row."""
     base = dict(acc_anon=s.acc, tissueden=s.density, age_at_study=s.age, RACE_DESC=s.race,
                 ETHNIC_GROUP_DESC=s.ethnicity, massshape=None, massdens=None, calcfind=None, calcdistri=None)
     if s.letter == "N":

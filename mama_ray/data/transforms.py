@@ -1,4 +1,4 @@
-"""Image transforms of method §1.6 with numpy/OpenCV, driven by an explicit random generator.
+"""Image transforms of method.md §1.6 with numpy/OpenCV, driven by an explicit random generator.
 
 Train (SimCLR-style, used for x¹ and x²): Otsu crop → resize to S×S (aspect not kept) →
 RandomResizedCrop(S, scale 0.1–1, ratio 3/4–4/3) → HFlip p=0.5 → VFlip p=0.5 →
@@ -105,7 +105,7 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def train_transform(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One SimCLR-style view of a stored image (method §1.6).
+    """One SimCLR-style view of a stored image (method.md §1.6).
 
     Args:
         img: H×W uint8 grayscale image as stored in the shards.
@@ -129,7 +129,7 @@ def train_transform(img: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 
 def eval_transform(img: np.ndarray, size: int) -> np.ndarray:
-    """Otsu crop → resize to S×S (method §1.6 eval; the centre crop at S is a no-op)."""
+    """Otsu crop → resize to S×S (method.md §1.6 eval; the centre crop at S is a no-op)."""
     return np.ascontiguousarray(resize(otsu_crop(img), size))
 
 

@@ -1,6 +1,6 @@
 """The validation split as fixed, paired samples: each rank's share decoded once, reused at every validation.
 
-What a rank evaluates (method §1.4–1.6 applied to the val split, all of it a function of the seed):
+What a rank evaluates (method.md §1.4–1.6 applied to the val split, all of it a function of the seed):
 
 * **The samples.** The val split's usable images in index order (shard files sorted, rows, images)
   are numbered ``q = 0..N-1``; rank ``r`` of ``W`` owns the contiguous run ``q ∈ [r·n, (r+1)·n)``
@@ -8,10 +8,10 @@ What a rank evaluates (method §1.4–1.6 applied to the val split, all of it a 
   same number of equally sized batches: the NT-Xent gathers across ranks). A contiguous run keeps
   each rank's reads to its own part of the shards (val studies are spread thinly over every row
   group, so an interleaved split would make every rank read almost every row group).
-* **The pairs (§1.5).** ``x²`` is another usable image of the same study with probability
+* **The pairs (method.md §1.5).** ``x²`` is another usable image of the same study with probability
   ``data.second_view_prob``, else ``x¹`` itself, drawn from ``(run.seed, VAL_SALT, q)``.
-* **Images and captions.** The eval transform (§1.6) for both views, the caption **unmasked**
-  (§1.4: val captions are never masked).
+* **Images and captions.** The eval transform (method.md §1.6) for both views, the caption **unmasked**
+  (method.md §1.4: val captions are never masked).
 * **The batches.** The rank's ``n`` samples in a permutation fixed by ``(run.seed, VAL_SALT, r)``
   (batches then mix studies, as the training stream does, instead of holding a study's near-identical
   captions as each other's negatives), cut into ``train.micro_batch_size`` batches, the last one
@@ -98,7 +98,7 @@ def _read_rows(fs, path: str, groups: tuple[int, ...], rows: list[int]) -> list[
 
 
 def second_image(rng: np.random.Generator, usable: list[int], first: int, prob: float) -> int:
-    """§1.5: another usable image of the study with probability ``prob``, else the same one."""
+    """method.md §1.5: another usable image of the study with probability ``prob``, else the same one."""
     others = [i for i in usable if i != first]
     if rng.random() < prob and others:
         return others[int(rng.integers(len(others)))]

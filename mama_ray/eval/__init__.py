@@ -1,4 +1,4 @@
-"""Evaluation of a pretrained MaMA checkpoint (method §5): zero-shot, probes, retrieval, pictures.
+"""Evaluation of a pretrained MaMA checkpoint (method.md §5): zero-shot, probes, retrieval, pictures.
 
 Public API: :func:`run_zero_shot` (called by the pretraining job at its end) and
 :func:`evaluate` (``jobs/evaluate.py``); the metric functions live in :mod:`mama_ray.eval.metrics`.

@@ -2,7 +2,7 @@
 
 For an image and its unmasked caption, each separator-token sentence feature (local text head)
 is compared by cosine with every patch feature (local image head) — the quantities the SLA loss
-aligns (method §3d). One heatmap per sentence, drawn over the mammogram, shows where the model
+aligns (method.md §3d). One heatmap per sentence, drawn over the mammogram, shows where the model
 finds that sentence. Sentence k is the caption text that ends at the k-th separator.
 """
 

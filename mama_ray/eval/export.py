@@ -12,7 +12,7 @@ Layout of the export (local folder or s3:// prefix)::
                        logit_scale, local_scale (keys prefixed by module name) — :func:`load_heads`
     mama_config.yaml   the run's full config;  README.md  the model card (YAML metadata header)
 
-The Otsu breast crop of the eval transform (method §1.6) is not a step any Hugging Face image
+The Otsu breast crop of the eval transform (method.md §1.6) is not a step any Hugging Face image
 processor has, so the exported processor does only resize → rescale → normalise (mean/std 0.5,
 gray → RGB) and the model card documents the crop as a step before it (:data:`CROP_SNIPPET` in
 ``model_card.py``). An image already cropped and resized to the model's side passes the
@@ -84,7 +84,7 @@ def load_heads(folder: str | Path):
 def image_processor_config(size: int) -> dict:
     """``preprocessor_config.json`` of the vision folder: the eval transform after the crop.
 
-    Resize to size×size (aspect not kept, as §1.6), ×1/255, normalise with mean = std = 0.5,
+    Resize to size×size (aspect not kept, as method.md §1.6), ×1/255, normalise with mean = std = 0.5,
     gray → RGB; no centre crop (at the model's side it is a no-op in the method).
     """
     return {"image_processor_type": "BitImageProcessor", "do_convert_rgb": True,

@@ -1,4 +1,4 @@
-"""Metric functions of the evaluation protocols (method §5.2).
+"""Metric functions of the evaluation protocols (method.md §5.2).
 
 Classification: accuracy, balanced accuracy (mean per-class recall, the primary metric), macro
 one-vs-rest AUC on softmax scores and the confusion matrix. Retrieval: recall@K. All functions take

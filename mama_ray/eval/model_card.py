@@ -12,14 +12,14 @@ import json
 
 from mama_ray.config import Config
 
-# Hub ids of the weights the `base` preset starts from (method §2), with the tower sizes that
+# Hub ids of the weights the `base` preset starts from (method.md §2), with the tower sizes that
 # identify them; a tower trained from random init (the tiny preset) has no base model.
 VISION_BASE = ("facebook/dinov2-with-registers-base", (768, 12, 4, 14))
 TEXT_BASE = ("stanford-crfm/BioMedLM", ("gpt2", 2560, 32))
 TAGS = ("mammography", "medical-imaging", "vision-language", "clip", "contrastive-learning",
         "dinov2", "mama", "mama-ray")
 
-# The eval transform's crop + resize (method §1.6), which no Hugging Face processor step does.
+# The eval transform's crop + resize (method.md §1.6), which no Hugging Face processor step does.
 # An image this returns passes the processor's resize unchanged: the tensors are exactly ours.
 CROP_SNIPPET = '''import cv2, numpy as np
 

@@ -1,4 +1,4 @@
-"""Linear probing and full fine-tuning of the image encoder (method §5.3).
+"""Linear probing and full fine-tuning of the image encoder (method.md §5.3).
 
 A new ``Linear(C → classes)`` on the pooled image feature (pre-LN token mean) is trained with
 cross-entropy, SGD (momentum ``eval.probe_momentum``, weight decay ``eval.probe_weight_decay``),
@@ -10,7 +10,7 @@ a linear warm-up from ``eval.probe_min_lr`` over ``eval.probe_warmup_steps`` the
 
 * **linear** — the encoder is frozen, so its features are computed once (eval transform, over Ray
   Data) and the head trains on them in the driver: seconds even for the full split.
-* **finetune** — the encoder trains too, on the SimCLR train augmentation as §5.3; one process
+* **finetune** — the encoder trains too, on the SimCLR train augmentation as method.md §5.3; one process
   (one GPU if available) runs the loop.
 
 Both log one progress line with an ETA (:class:`mama_ray.runtime.Progress`) at most every 10 s
@@ -180,7 +180,7 @@ class FineTuner(nn.Module):
 
 
 def _augment(images: np.ndarray, idx: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """SimCLR train augmentation (§1.6) of the gray channel of the chosen eval images."""
+    """SimCLR train augmentation (method.md §1.6) of the gray channel of the chosen eval images."""
     from mama_ray.data.transforms import to_rgb_chw, train_transform
 
     return torch.from_numpy(np.stack([to_rgb_chw(train_transform(images[i, 0], size, rng)) for i in idx]))

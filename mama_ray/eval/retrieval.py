@@ -1,6 +1,6 @@
 """Image↔text retrieval recall@K over a test split.
 
-Each test image is paired with its own unmasked caption (§1.3); the gallery is every caption (for
+Each test image is paired with its own unmasked caption (method.md §1.3); the gallery is every caption (for
 image→text) or every image (for text→image) of the evaluated set, and the correct item is the
 pair's own partner — a different image's identical caption counts as a miss. Similarities are
 cosines of the global embeddings; the N×N matrix is computed in row chunks so large test splits

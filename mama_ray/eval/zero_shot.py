@@ -1,11 +1,11 @@
-"""Zero-shot BI-RADS (7 classes) and density (4 classes) classification (method §5.1).
+"""Zero-shot BI-RADS (7 classes) and density (4 classes) classification (method.md §5.1).
 
 For every test image the class prompts are built in the training caption format with that
 image's **own unmasked** meta prefix (procedure, reason, patient and image info), so only the
 class-specific sentences differ between the prompts of one image. The prompt's global text feature
 is the hidden state at the first padding position (``eval.text_feature: first_pad``, as the
 original zero-shot code) or the training mean pool (``mean``); score = τ·cos(image, prompt) with
-τ = exp(logit_scale); prediction = argmax. Metrics use softmax(score) once (§5.2).
+τ = exp(logit_scale); prediction = argmax. Metrics use softmax(score) once (method.md §5.2).
 
 Inference is distributed with Ray Data: :mod:`mama_ray.eval.inference` streams the split through
 an actor pool that calls :func:`score_batch`.
@@ -46,7 +46,7 @@ def prompts(fields: captions.CaptionFields, task: str) -> list[str]:
 
 
 def caption_texts(batch: dict[str, np.ndarray]) -> list[str]:
-    """The model texts of each row's own full, unmasked caption (§1.3)."""
+    """The model texts of each row's own full, unmasked caption (method.md §1.3)."""
     return [captions.to_model_text(captions.caption_text(row_fields(batch, i)))
             for i in range(len(batch["image_id"]))]
 

@@ -1,4 +1,4 @@
-"""MaMA losses (method §3): CLIP, multi-view NT-Xent, symmetric local alignment, the objective.
+"""MaMA losses (method.md §3): CLIP, multi-view NT-Xent, symmetric local alignment, the objective.
 
 Inputs are embeddings (normalised where the method says so); outputs are scalar tensors.
 """

@@ -1,4 +1,4 @@
-"""Global contrastive losses: image–text CLIP (§3a, §3c) and multi-view NT-Xent (§3b).
+"""Global contrastive losses: image–text CLIP (method.md §3a, §3c) and multi-view NT-Xent (method.md §3b).
 
 Only the NT-Xent looks across ranks: its features are all-gathered **with gradient**. The gather
 is a parameter — ``True`` (torch.distributed when a process group is up), ``False`` (this rank

@@ -1,4 +1,4 @@
-"""Symmetric Local Alignment, SLA (method §3d): sentences ↔ patches, both ways, both directions.
+"""Symmetric Local Alignment, SLA (method.md §3d): sentences ↔ patches, both ways, both directions.
 
 For text i and image n with s(i,n,p,k) = a_{n,p}·w_{i,k} (patch p, sentence k):
   A[i,n] = (1/m_i) Σ_k max_p s     (each sentence takes its best patch, then the mean)

@@ -1,4 +1,4 @@
-"""The MaMA objective (method §3 schedule): weighted terms, switched on at the late-loss step.
+"""The MaMA objective (method.md §3 schedule): weighted terms, switched on at the late-loss step.
 
   step < late_loss_step:  loss = w_clip·L_clip(V¹,U)
   step ≥ late_loss_step:  loss = w_clip·L_clip(V¹,U) + w_clip2·L_clip(V²,U) + w_mv·L_ntxent + w_sla·L_sla

@@ -1,4 +1,4 @@
-"""MaMA model: vision tower, text tower (+ LoRA), heads, presets, tokenizer (method §2).
+"""MaMA model: vision tower, text tower (+ LoRA), heads, presets, tokenizer (method.md §2).
 
 Public API: :func:`build_model`, :class:`MamaModel`, :func:`count_parameters`, and the tokenizer
 functions (:func:`build_tiny_tokenizer`, :func:`load_tokenizer`, :func:`save_tokenizer`,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from mama_ray.config import Config, TextTowerConfig, VisionTowerConfig
 
-DEFAULT_SENTENCES = 10  # padded sentence slots per caption (max separators in a micro-batch), method §2.2
+DEFAULT_SENTENCES = 10  # padded sentence slots per caption (max separators in a micro-batch), method.md §2.2
 ATTENTION = ("attention", 0, 0)  # marks QKᵀ and A·V in a block's op list
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendor data sheets; matched as

@@ -1,4 +1,4 @@
-"""Projection heads (method §2.4): global projections, local (SLA) MLPs, multi-view SimCLR head.
+"""Projection heads (method.md §2.4): global projections, local (SLA) MLPs, multi-view SimCLR head.
 
 The local MLPs are the original's 1×1 ``Conv1d`` layers written as ``Linear`` over the feature
 axis (same maths, same parameter count). The text local head normalises with BatchNorm over

@@ -1,4 +1,4 @@
-"""MamaModel: both towers, the heads and the two learnable temperatures (method §2).
+"""MamaModel: both towers, the heads and the two learnable temperatures (method.md §2).
 
 Knows nothing of Ray or DeepSpeed: the trainer wraps it. :func:`build_model` turns a
 :class:`~mama_ray.config.Config` into a model (sizes from ``cfg.model``, weights from the URIs
@@ -27,11 +27,11 @@ from mama_ray.models.vision import VisionTower, build_vit
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
-INIT_SCALE = math.log(1 / 0.07)  # both temperatures start at ln(1/0.07) ≈ 2.659 (§2.4)
+INIT_SCALE = math.log(1 / 0.07)  # both temperatures start at ln(1/0.07) ≈ 2.659 (method.md §2.4)
 
 
 def normalize_image(image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 pixels → (x/255 − 0.5)/0.5 (method §1.6); floats are taken as already normalised.
+    """uint8 pixels → (x/255 − 0.5)/0.5 (method.md §1.6); floats are taken as already normalised.
 
     A single gray channel (B×1×H×W) is replicated to RGB here, so only a third of the bytes
     need to travel to the device.
@@ -95,7 +95,7 @@ class MamaModel(nn.Module):
 
         Args:
             input_ids, attention_mask: B×L (right-padded). sep_mask: B×L bool, separator positions.
-            pooling: ``mean`` (training, §2.2) or ``first_pad`` (zero-shot, §5.1).
+            pooling: ``mean`` (training, method.md §2.2) or ``first_pad`` (zero-shot, method.md §5.1).
             local: also compute the sentence features (needs ``sep_mask``).
         Returns:
             ``text_emb`` B×E (L2-normalised), ``hidden`` B×L×C, and when ``local``: ``sent_emb``

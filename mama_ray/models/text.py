@@ -1,8 +1,8 @@
-"""Text tower: a GPT-2-family causal LM (BioMedLM) or a BERT-family encoder, with LoRA (§2.2–2.3).
+"""Text tower: a GPT-2-family causal LM (BioMedLM) or a BERT-family encoder, with LoRA (method.md §2.2–2.3).
 
 The trunk's final hidden states (after GPT-2's ``ln_f``; BioMedLM's LM head is dropped) give:
-* the global feature — the **unmasked** mean over all ``max_len`` positions (training, §2.2) or
-  the state at the first pad position (zero-shot, §5.1; position 0 if the text fills the window);
+* the global feature — the **unmasked** mean over all ``max_len`` positions (training, method.md §2.2) or
+  the state at the first pad position (zero-shot, method.md §5.1; position 0 if the text fills the window);
 * sentence features — the states at the separator-token positions, padded to the batch's
   largest sentence count with a validity mask.
 
@@ -111,7 +111,7 @@ class TextTower(nn.Module):
 def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """Global text feature B×C: ``mean`` over all positions, or the ``first_pad`` position's state."""
     if pooling == "mean":
-        return hidden.mean(dim=1)  # unmasked on purpose (§2.2): padding positions count too
+        return hidden.mean(dim=1)  # unmasked on purpose (method.md §2.2): padding positions count too
     if pooling == "first_pad":
         first_pad = (attention_mask == 0).to(torch.int8).argmax(dim=1)  # 0 when there is no pad
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), first_pad]

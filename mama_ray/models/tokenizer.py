@@ -1,6 +1,6 @@
 """Tokenizers for the text tower: a real Hugging Face one from a URI, or a tiny one built offline.
 
-The method (§2.2) tokenises captions with BioMedLM's GPT-2 tokenizer after adding the special
+The method (method.md §2.2) tokenises captions with BioMedLM's GPT-2 tokenizer after adding the special
 tokens of :mod:`mama_ray.data.captions` (BOS, EOS, PAD, separator, mask, unk). Any Hugging Face
 tokenizer folder works the same way (local path or s3:// URI): :func:`load_tokenizer` adds the
 special tokens it lacks, so each is one token id. With no tokenizer configured
@@ -25,7 +25,7 @@ from mama_ray import storage
 from mama_ray.config import Config
 from mama_ray.data import captions
 
-# Roles of the special tokens, as Hugging Face names them (method §2.2).
+# Roles of the special tokens, as Hugging Face names them (method.md §2.2).
 SPECIAL_ROLES = {
     "bos_token": captions.BOS,
     "eos_token": captions.EOS,

@@ -1,4 +1,4 @@
-"""Image tower: DINOv2 ViT with register tokens (method §2.1).
+"""Image tower: DINOv2 ViT with register tokens (method.md §2.1).
 
 Two features come out of one pass: the pooled feature — the mean of *all* tokens (CLS, registers,
 patches) of the last block's output **before** the final LayerNorm ("FLIP-style" ``--pool_feat``)
@@ -53,7 +53,7 @@ class VisionTower(nn.Module):
         self.num_prefix = 1 + vit.config.num_register_tokens  # CLS + registers precede the patches
         self.hidden_size = vit.config.hidden_size
         vit.embeddings.mask_token.requires_grad_(False)
-        vit.layernorm.requires_grad_(False)  # final-LN affine frozen (§2.1, --pool_feat)
+        vit.layernorm.requires_grad_(False)  # final-LN affine frozen (method.md §2.1, --pool_feat)
         if grad_ckpt:
             # HF checkpoints each block (the original used 4 segments of 3; same maths, less saved).
             vit.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the per-step learning rates (method §4, §3 late loss).
+"""AdamW parameter groups and the per-step learning rates (method.md §4, §3 late loss).
 
 Groups are fixed for the whole run, so DeepSpeed's flat buffers never change:
 

@@ -1,4 +1,4 @@
-"""The learning-rate schedule of method §4, counted in optimizer steps.
+"""The learning-rate schedule of method.md §4, counted in optimizer steps.
 
 Linear warm-up from ``min_lr`` to ``lr`` over ``warmup_steps``, then a half cosine from ``lr`` back
 to ``min_lr`` at ``max_steps`` (katsura-jp ``CosineAnnealingWarmupRestarts`` with one cycle of

@@ -1,4 +1,4 @@
-"""Captions against the method's own illustrative example (§1.3) and its rules."""
+"""Captions against the method's own illustrative example (method.md §1.3) and its rules."""
 
 import numpy as np
 import pytest

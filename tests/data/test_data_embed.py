@@ -1,4 +1,4 @@
-"""EMBED tables → records: clinical-row choice (§1.2), caption fields, drop rules, patient split."""
+"""EMBED tables → records: clinical-row choice (method.md §1.2), caption fields, drop rules, patient split."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image transforms of method §1.6: Otsu crop, random resized crop, jitter, determinism."""
+"""Image transforms of method.md §1.6: Otsu crop, random resized crop, jitter, determinism."""
 
 from __future__ import annotations
 

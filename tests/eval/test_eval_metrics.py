@@ -1,4 +1,4 @@
-"""Metric functions against cases worked out by hand (method §5.2)."""
+"""Metric functions against cases worked out by hand (method.md §5.2)."""
 
 from __future__ import annotations
 

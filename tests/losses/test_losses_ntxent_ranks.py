@@ -1,4 +1,4 @@
-"""Multi-rank NT-Xent (§3b): the injected gather on one process and a real 2-rank gloo group,
+"""Multi-rank NT-Xent (method.md §3b): the injected gather on one process and a real 2-rank gloo group,
 both checked against a brute-force loop over anchors and candidates."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MamaObjective: the §3 schedule (clip only, then all four terms) and the per-term weights."""
+"""MamaObjective: the method.md §3 schedule (clip only, then all four terms) and the per-term weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss values worked out by hand from method §3 with tiny B, D, P, M.
+"""Loss values worked out by hand from method.md §3 with tiny B, D, P, M.
 
 Every two-column CE row below is log(1 + exp(κ·(other − diagonal))), which is how the expected
 values were derived on paper.

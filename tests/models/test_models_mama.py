@@ -1,4 +1,4 @@
-"""MamaModel (tiny preset): features as §2 defines them, frozen parts, checkpointing, persistence."""
+"""MamaModel (tiny preset): features as method.md §2 defines them, frozen parts, checkpointing, persistence."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter counts: the `base` preset on the meta device against the numbers of method §2."""
+"""Parameter counts: the `base` preset on the meta device against the numbers of method.md §2."""
 
 from __future__ import annotations
 

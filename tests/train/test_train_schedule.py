@@ -1,4 +1,4 @@
-"""Warm-up + cosine schedule (method §4) at steps worked out by hand."""
+"""Warm-up + cosine schedule (method.md §4) at steps worked out by hand."""
 
 import math
 
