@@ -1,4 +1,4 @@
-"""Fixtures of the data tests: small synthetic shards written to the method.md §3.2 schema.
+"""Fixtures of the data tests: small synthetic shards written to the shard schema (docs/architecture.md).
 
 The pipeline tests write their own shards (independent of the ingest job) with known contents:
 which images are usable (complete caption), which study each belongs to, and which split.

@@ -1,6 +1,6 @@
 """Fixtures of the sweep tests: small shards, the shipped search spaces, a short-run sweep config.
 
-The shards come from the data tests' writer (``tests/data/conftest.py``: method.md §3.2 schema, known
+The shards come from the data tests' writer (``tests/data/conftest.py``: shard schema (docs/architecture.md), known
 contents); ``tune/search_spaces.py`` is loaded by path, as ``tune/sweep.py`` is a script folder,
 not a package.
 """
