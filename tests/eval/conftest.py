@@ -1,6 +1,6 @@
 """Fixtures of the evaluation tests: tiny shards and a tiny, randomly initialised checkpoint.
 
-The shards come from the data tests' writer (``tests/data/conftest.py``: method.md §3.2 schema, known
+The shards come from the data tests' writer (``tests/data/conftest.py``: shard schema (docs/architecture.md), known
 contents). The checkpoint folder has the layout the training loop writes on rank 0
 (``config.yaml``, ``model/model.safetensors`` + ``weights.json``, ``tokenizer/``,
 ``train_state.json``), so ``load_model_from_checkpoint`` reads it like a real one.
