@@ -11,7 +11,7 @@ DeepSpeed, no Ray) as the baseline of each setting. MFU = pairs/s × model FLOPs
 
 Data: in-memory micro-batches of the training-sample contract (docs/architecture.md, batch dict: uint8 gray views
 broadcast to 3 channels, real structured captions with meta masking, tokenised by the pipeline's
-``tokenize``), cycled. The Ray Data pipeline is benchmarked on its own (bench/pipeline.py); here
+``caption_tokens``), cycled. The Ray Data pipeline is benchmarked on its own (bench/pipeline.py); here
 it would only measure the CPUs of the box. Data wait is still measured — the time ``EpochCursor``
 waits for the next batch — and is ≈ 0 by construction; the host→device copy is inside the step.
 
@@ -89,7 +89,7 @@ def plan(args: argparse.Namespace) -> list[Setting]:
 def synthetic_batches(cfg: config.Config, count: int, seed: int = 0) -> list[dict]:
     """``count`` micro-batches shaped as the pipeline's collate makes them, real captions included."""
     from mama_ray.data import captions
-    from mama_ray.data.pipeline import tokenize
+    from mama_ray.data.pipeline import caption_tokens
     from mama_ray.data.synthetic import ETHNICITIES, RACES
 
     rng = np.random.default_rng(seed)
@@ -105,7 +105,7 @@ def synthetic_batches(cfg: config.Config, count: int, seed: int = 0) -> list[dic
                 int(rng.integers(1, 5)), letter, *(("oval", "high density", "punctate", "grouped")
                                                    if letter in "SMK" else (None,) * 4))
             texts.append(captions.to_model_text(captions.caption_text(f, captions.sample_masked(rng, cfg.text.mask_meta))))
-        tok = {k: torch.from_numpy(v) for k, v in tokenize(cfg, texts).items()}
+        tok = {k: torch.from_numpy(v) for k, v in caption_tokens(cfg, texts).items()}
         views = [torch.from_numpy(rng.integers(0, 256, (b, 1, s, s), dtype=np.uint8)) for _ in range(2)]
         out.append({"image1": views[0].expand(-1, 3, -1, -1), "image2": views[1].expand(-1, 3, -1, -1), **tok})
     return out
@@ -212,10 +212,10 @@ def time_phase(engine, objective, cursor, cfg: config.Config, late: bool, warmup
 
 def run_setting(args: argparse.Namespace, s: Setting) -> dict:
     """Build the model and the engine of one setting and time both phases; errors are results too."""
+    from mama_ray import layout
+    from mama_ray.data.tokenizer import load_tokenizer
     from mama_ray.losses import MamaObjective
     from mama_ray.models import build_model
-    from mama_ray.models.tokenizer import load_tokenizer
-    from mama_ray.train import checkpoint as ckpt_mod
     from mama_ray.train.context import LocalContext
     from mama_ray.train.deepspeed_config import resolve_precision
     from mama_ray.train.loop import EpochCursor, make_engine, seed_everything
@@ -240,7 +240,7 @@ def run_setting(args: argparse.Namespace, s: Setting) -> dict:
                 bf16 = resolve_precision(cfg, device.type == "cuda") == "bf16"
                 engine = PlainEngine(model, cfg, torch.bfloat16 if bf16 else torch.float32)
             engine.train()
-            cursor = EpochCursor(Cycle(batches), ckpt_mod.TrainState(world_size=1))
+            cursor = EpochCursor(Cycle(batches), layout.TrainState(world_size=1))
             objective = MamaObjective(cfg.loss)
             out["phases"] = {}  # filled phase by phase: an OOM in the late phase keeps the early numbers
             for p in PHASES:

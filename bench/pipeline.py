@@ -161,7 +161,7 @@ class ShardSamples(torch.utils.data.IterableDataset):
 
 def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float]:
     """(samples, seconds, peak bytes, CPU seconds) of ``epochs`` epochs through a DataLoader."""
-    pipeline.tokenize(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
+    pipeline.caption_tokens(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
     with PeakPss() as mem:
         loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
                                              prefetch_factor=2, persistent_workers=True)

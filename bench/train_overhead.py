@@ -32,13 +32,13 @@ from mama_ray import config  # noqa: E402
 def fixed_batch(cfg, tokenizer) -> dict[str, torch.Tensor]:
     """One micro-batch shaped like the pipeline's: gray uint8 views and captions with separators."""
     from mama_ray.data import captions
-    from mama_ray.models.tokenizer import encode_texts
+    from mama_ray.data.tokenizer import token_arrays
 
     b, s = cfg.train.micro_batch_size, cfg.data.image_size
     rng = np.random.default_rng(0)
     img = torch.from_numpy(rng.integers(0, 255, (b, 1, s, s), dtype=np.uint8)).expand(-1, 3, -1, -1)
     text = f"{captions.BOS} Breast composition: The breast is dense {captions.SEP} Findings: no mass {captions.SEP} {captions.EOS}"
-    enc = {k: torch.from_numpy(v) for k, v in encode_texts(tokenizer, [text] * b, cfg.text.max_len).items()}
+    enc = {k: torch.from_numpy(v) for k, v in token_arrays(tokenizer, [text] * b, cfg.text.max_len).items()}
     return {"image1": img, "image2": img.flip(-1), **enc}
 
 
@@ -46,7 +46,7 @@ class Repeat:
     """Batch source that yields the same batch forever (no data cost in either loop)."""
 
     def __init__(self, cfg, rank: int, world_size: int):
-        from mama_ray.models.tokenizer import load_tokenizer
+        from mama_ray.data.tokenizer import load_tokenizer
 
         self.batch = fixed_batch(cfg, load_tokenizer(cfg))
 
@@ -62,9 +62,9 @@ def worker_threads(cfg) -> int:
 
 def plain_step_times(cfg, steps: int) -> list[float]:
     """Seconds per optimizer step of a bare PyTorch loop (no Ray, no DeepSpeed), worker's thread count."""
+    from mama_ray.data.tokenizer import load_tokenizer
     from mama_ray.losses import MamaObjective
     from mama_ray.models import build_model
-    from mama_ray.models.tokenizer import load_tokenizer
 
     torch.set_num_threads(worker_threads(cfg))
     torch.manual_seed(cfg.run.seed)
@@ -87,7 +87,8 @@ def plain_step_times(cfg, steps: int) -> list[float]:
 
 def ours_step_time(cfg, stage: int, workers: int, steps: int, log_every: int) -> float:
     """Mean ``step_time_s`` of the Ray Train + DeepSpeed loop over its logged windows after the first."""
-    from mama_ray.train.launch import build_trainer, read_metrics, run_uri
+    from mama_ray.layout import read_metrics
+    from mama_ray.train.launch import build_trainer, run_uri
 
     with tempfile.TemporaryDirectory() as tmp:
         run = config.override(cfg, {"deepspeed.zero_stage": stage, "scaling.num_workers": workers,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from mama_ray.train.launch import read_metrics  # noqa: E402
+from mama_ray.layout import read_metrics  # noqa: E402
 
 
 def cost(run: str) -> dict[str, float]:

@@ -17,18 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
+try:
+    from mama_ray.eval import DEFAULT_TASKS, evaluate, zero_shot_table
+    from mama_ray.eval.runner import check_tasks
+    from mama_ray.layout import WHICH, checkpoint_config, resolve_checkpoint
+    from mama_ray.runtime import init_ray, job_parser, parse_args, run_main
+except ModuleNotFoundError as e:  # `python jobs/evaluate.py` from a checkout without the package installed
+    if e.name != "mama_ray":
+        raise
+    print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
+    sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
 
 
 def main() -> int:
-    from mama_ray.eval import DEFAULT_TASKS, evaluate, format_table
-    from mama_ray.eval.runner import WHICH, eval_config, resolve_checkpoint
-
     ap = job_parser(__doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (path or s3://)")
     ap.add_argument("--which", default="latest", choices=WHICH,
@@ -40,11 +42,11 @@ def main() -> int:
                     help="override a config field (repeatable)")
     args = parse_args(ap)
     checkpoint = resolve_checkpoint(args.checkpoint, args.which)
-    cfg = eval_config(checkpoint, args.config, args.overrides)
+    cfg = checkpoint_config(checkpoint, args.config, args.overrides)
     init_ray()
     metrics = evaluate(cfg, checkpoint, args.tasks, args.out)
     if "zero_shot" in metrics:
-        print(format_table(metrics["zero_shot"]))
+        print(zero_shot_table(metrics["zero_shot"]))
     for key in ("linear_probe", "finetune", "retrieval"):
         if key in metrics:
             print(f"{key}: {json.dumps(_short(metrics[key]))}")
@@ -53,8 +55,6 @@ def main() -> int:
 
 
 def _tasks(text: str) -> list[str]:
-    from mama_ray.eval.runner import check_tasks
-
     try:
         return check_tasks([t.strip() for t in text.split(",") if t.strip()])
     except ValueError as e:

@@ -13,17 +13,18 @@ heads.safetensors, tokenizer/, mama_config.yaml and a model card (README.md) wit
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mama_ray.runtime import job_parser, parse_args, run_main  # noqa: E402
+try:
+    from mama_ray.layout import WHICH, resolve_checkpoint
+    from mama_ray.runtime import job_parser, parse_args, run_main
+except ModuleNotFoundError as e:  # `python jobs/export.py` from a checkout without the package installed
+    if e.name != "mama_ray":
+        raise
+    print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
+    sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
 
 
 def main() -> int:
-    from mama_ray.eval.runner import WHICH
-
     ap = job_parser(__doc__)
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (path or s3://)")
     ap.add_argument("--which", default="latest", choices=WHICH,
@@ -31,8 +32,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="output folder or s3:// prefix")
     ap.add_argument("--metrics", default=None, help="metrics.json to put in the model card")
     args = parse_args(ap)
-    from mama_ray.eval.export import export_checkpoint  # after parsing: --help stays instant
-    from mama_ray.eval.runner import resolve_checkpoint
+    from mama_ray.export import export_checkpoint  # why: after parsing, so --help needs no torch
 
     files = export_checkpoint(resolve_checkpoint(args.checkpoint, args.which), args.out, args.metrics)
     print(f"exported {len(files)} files to {args.out}: " + ", ".join(f for f in files if "/" not in f))

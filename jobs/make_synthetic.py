@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mama_ray.runtime import job_parser, parse_args, run_main  # noqa: E402
+try:
+    from mama_ray.runtime import job_parser, parse_args, run_main
+except ModuleNotFoundError as e:  # `python jobs/make_synthetic.py` from a checkout without the package installed
+    if e.name != "mama_ray":
+        raise
+    print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
+    sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
 
 
 def main() -> int:
@@ -23,6 +25,7 @@ def main() -> int:
     ap.add_argument("--studies", type=int, default=64, help="number of studies (4 images each)")
     ap.add_argument("--seed", type=int, default=42, help="everything follows from it")
     args = parse_args(ap)
+    # why: after parsing, so --help loads no data code
     from mama_ray.data.synthetic import make_synthetic
 
     dicoms, tables = make_synthetic(args.out, args.studies, args.seed)

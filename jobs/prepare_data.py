@@ -13,13 +13,16 @@ Re-running with the same arguments finishes an interrupted ingest (finished shar
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
+try:
+    from mama_ray.config import add_config_args, load_from_args
+    from mama_ray.runtime import init_ray, job_parser, parse_args, run_main
+    from mama_ray.storage import StorageOptions
+except ModuleNotFoundError as e:  # `python jobs/prepare_data.py` from a checkout without the package installed
+    if e.name != "mama_ray":
+        raise
+    print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
+    sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
 
 
 def main() -> int:
@@ -31,8 +34,8 @@ def main() -> int:
     add_config_args(ap)
     args = parse_args(ap)
     cfg = load_from_args(args)
+    # why: after parsing: --help loads no Ray
     from mama_ray.data.ingest import pseudonym_key, run_ingest
-    from mama_ray.storage import StorageOptions
 
     pseudonym_key(cfg, StorageOptions.from_config(cfg.storage))  # no key: fail before Ray starts
     init_ray()

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_ray.jobs.x
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, job_parser, parse_args, run_main  # noqa: E402
+try:
+    from mama_ray.config import add_config_args, load_from_args
+    from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, job_parser, parse_args, run_main
+except ModuleNotFoundError as e:  # `python jobs/pretrain.py` from a checkout without the package installed
+    if e.name != "mama_ray":
+        raise
+    print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
+    sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
 
 
 def main() -> int:
@@ -30,7 +32,9 @@ def main() -> int:
                     help="checkpoint to start from when the run has none of its own (local or s3://)")
     args = parse_args(ap)
     cfg = load_from_args(args)
-    from mama_ray.train.launch import check_data, run_pretrain
+    # why: after parsing: --help and argument errors load no torch or Ray
+    from mama_ray.driver import run_pretrain
+    from mama_ray.train.launch import check_data
 
     check_data(cfg)  # a wrong data.shards fails here, not after Ray started
     if not cfg.scaling.use_gpu:
@@ -38,7 +42,7 @@ def main() -> int:
     init_ray(num_cpus=max(MIN_TRAINING_CPUS, os.cpu_count() or 1))
 
     summary = run_pretrain(cfg, resume_from=args.resume_from)
-    import ray
+    import ray  # why: as above
 
     ray.shutdown()  # flushes the workers' streamed logs, so the summary really is the last output
     if summary.eval_table:

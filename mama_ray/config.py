@@ -219,7 +219,7 @@ class EvalConfig:
 
 @dataclass
 class TuneConfig:
-    space: str = "tiny"  # named search space in tune/search_spaces.py
+    space: str = "tiny"  # named search space in mama_ray/search_spaces.py
     search: Literal["random", "optuna"] = "random"  # sampler: seeded random, or Optuna's TPE (OptunaSearch); ASHA stops trials either way
     num_samples: int = 4  # trials
     metric: str = "val_clip_loss"  # metric ASHA and best_config.yaml rank trials by (unweighted: the loss_weights space cannot scale it)
@@ -398,7 +398,7 @@ def load_yaml_text(text: str, origin: str = "<string>") -> dict[str, Any]:
 def load(name_or_path: str = "tiny_cpu", overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load a YAML config (preset name or path, local or s3:// URI) and apply dotted overrides."""
     if "://" in name_or_path and not name_or_path.startswith("file://"):
-        from mama_ray.storage import read_bytes
+        from mama_ray.storage import read_bytes  # why: pyarrow (storage) only for a remote config
 
         data = load_yaml_text(read_bytes(name_or_path).decode(), name_or_path)
     else:

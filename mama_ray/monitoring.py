@@ -170,7 +170,7 @@ class _GaugeKeeper:
 def _export_interval_s() -> float:
     """Ray's metrics export interval (``RAY_metrics_report_interval_ms``, at least 1 s)."""
     try:
-        import ray
+        import ray  # why: metrics are a no-op without Ray; ingest, stream and loop import this module anyway
 
         return max(ray._config.metrics_report_interval_ms(), 1000) / 1000
     except Exception:  # noqa: BLE001 - a private API: fall back to Ray's default
@@ -182,7 +182,7 @@ _GAUGES = _GaugeKeeper()
 
 def _enabled() -> bool:
     try:
-        import ray
+        import ray  # why: metrics are a no-op without Ray; ingest, stream and loop import this module anyway
     except ImportError:  # pragma: no cover - ray is a dependency
         return False
     return ray.is_initialized()
@@ -190,6 +190,7 @@ def _enabled() -> bool:
 
 def _metric(name: str):
     if name not in _METRICS:
+        # why: metrics are a no-op without Ray; ingest, stream and loop import this module anyway
         from ray.util import metrics
 
         s = BY_NAME[name]

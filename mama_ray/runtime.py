@@ -30,6 +30,10 @@ import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from mama_ray.config import ConfigError
+from mama_ray.errors import FatalTrainingError
+from mama_ray.storage import StorageError
+
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -95,6 +99,7 @@ def setup_logging(level: str | None = None) -> int:
 def quiet_ray_data(level: int) -> None:
     """Ray Data's console handler at ``level`` (its ``ray-data.log`` file keeps everything), via
     ``RAY_DATA_LOGGING_CONFIG`` — Ray Data configures its loggers from that file, in every process."""
+    # why: Ray loads only when a job uses it (every job imports this module before parsing)
     import yaml
     from ray.data._internal import logging as ray_data_logging
 
@@ -194,7 +199,7 @@ def init_ray(num_cpus: int | None = None, **kwargs) -> str:
     Returns:
         ``"attached"`` or ``"local"`` (``"attached"`` also when Ray was already initialised).
     """
-    import ray
+    import ray  # why: Ray loads only when a job uses it (every job imports this module before parsing)
 
     quiet_ray_data(_third_party_level)
     if ray.is_initialized():
@@ -230,10 +235,6 @@ def run_main(main: Callable[[], int | None]) -> None:
     fatal training error (a diverged loss, a first-step bug) one line and code 1; any other
     exception prints its traceback and gives code 1; ``main``'s own return value is kept.
     """
-    from mama_ray.config import ConfigError
-    from mama_ray.storage import StorageError
-    from mama_ray.train.failure import FatalTrainingError
-
     stream_output()
     setup_logging()  # until the job's own --log-level is parsed
     try:

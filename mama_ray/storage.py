@@ -69,7 +69,7 @@ def _endpoint(opts: StorageOptions) -> str:
 
 def _chain_region() -> str:
     """The region the AWS chain names (environment, profile config), or ""."""
-    import boto3
+    import boto3  # why: boto3 takes ~1 s to import and only s3:// URIs need it
 
     return boto3.session.Session().region_name or ""
 
@@ -129,6 +129,7 @@ def filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileS
 
 def s3_client(opts: StorageOptions | None = None):
     """A boto3 S3 client honouring the endpoint override and the AWS credential chain."""
+    # why: boto3 takes ~1 s to import and only s3:// URIs need it
     import boto3
     from botocore.config import Config as BotoConfig
 

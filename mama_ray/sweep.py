@@ -1,7 +1,7 @@
 """Ray Tune sweeps over the pretraining config: each trial is one full ``TorchTrainer`` run.
 
 A sweep is a ``ray.tune.Tuner`` over a search space that maps dotted config fields (the names
-``--set`` takes) to Tune domains (``tune/search_spaces.py``). A trial applies its sample to the
+``--set`` takes) to Tune domains (``mama_ray/search_spaces.py``). A trial applies its sample to the
 sweep's config with :func:`mama_ray.config.override`, builds the run's trainer with
 :func:`mama_ray.train.launch.build_trainer` plus a ``TuneReportCallback`` (the Ray Train V2 + Tune
 integration; ``Tuner(trainer)`` is deprecated) and fits it. Every training report (each
@@ -32,11 +32,23 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.sample import Domain
+
 from mama_ray import config as config_mod
 from mama_ray import storage
 from mama_ray.config import Config, ConfigError
+from mama_ray.driver import with_default_data
+from mama_ray.eval import run_zero_shot
+from mama_ray.layout import latest_checkpoint
 from mama_ray.runtime import MIN_TRAINING_CPUS
 from mama_ray.train.launch import build_trainer, run_uri
+from mama_ray.train.loop import stop_step
+from mama_ray.train.validate import is_val_step
 
 ZERO_SHOT_PREFIX = "zero_shot_"  # metrics only the end-of-trial evaluation reports
 VAL_PREFIX = "val_"  # metrics only validation steps report
@@ -76,9 +88,6 @@ def best_config(cfg: Config, params: dict[str, Any]) -> Config:
 
 def report_count(cfg: Config) -> int:
     """Training reports of one run: every ``log_every``, ``val_every`` and ``checkpoint_every`` step and the last."""
-    from mama_ray.train.loop import stop_step
-    from mama_ray.train.validate import is_val_step
-
     stop = stop_step(cfg)
     return sum(1 for s in range(1, stop + 1)
                if s % cfg.train.log_every == 0 or s % cfg.train.checkpoint_every == 0 or s == stop
@@ -98,8 +107,6 @@ def local_cpus(cfg: Config) -> int:
 
 def _examples(domain: Any) -> list[Any]:
     """Values a space entry can produce: one draw of a Tune domain, every grid value, or a constant."""
-    from ray.tune.search.sample import Domain
-
     if isinstance(domain, Domain):
         return [domain.sample()]
     if isinstance(domain, dict) and "grid_search" in domain:
@@ -117,8 +124,6 @@ def check_space(cfg: Config, space: dict[str, Any]) -> None:
 
 
 def check_tune_settings(cfg: Config) -> None:
-    from mama_ray.train.loop import stop_step
-
     t = cfg.tune
     if t.num_samples < 1:
         raise ConfigError(f"config field 'tune.num_samples': must be >= 1, got {t.num_samples}")
@@ -179,9 +184,6 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
         base: the sweep's config as a dict.
         sweep: the sweep's folder URI.
     """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = trial_config(base, params, sweep, tune.get_context().get_trial_id())
     result = build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
     if result.error:
@@ -193,9 +195,6 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str) -> None:
 
 def zero_shot_metrics(cfg: Config) -> dict[str, float]:
     """Zero-shot balanced accuracies of the run's last checkpoint, as flat Tune metrics."""
-    from mama_ray.eval import run_zero_shot
-    from mama_ray.train.checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(run_uri(cfg), storage.StorageOptions.from_config(cfg.storage))
     if ckpt is None:
         raise RuntimeError(f"run {run_uri(cfg)} has no checkpoint to evaluate")
@@ -215,8 +214,6 @@ def _trainable(cfg: Config, sweep: str):
     The trial's TorchTrainer reserves its own workers (``scaling``) in a placement group of its
     own, so the trial itself asks for a fraction of a CPU only.
     """
-    from ray import tune
-
     fn = tune.with_parameters(run_trial, base=config_mod.to_dict(cfg), sweep=sweep)
     return tune.with_resources(fn, {"cpu": cfg.tune.driver_cpus})
 
@@ -239,8 +236,6 @@ def searcher(cfg: Config, space: dict[str, Any]):
     """
     t = cfg.tune
     if t.search == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
         # The concurrency limit goes on the seeded generator: Tune ignores TuneConfig's
         # max_concurrent_trials when a BasicVariantGenerator is passed in.
         return BasicVariantGenerator(max_concurrent=t.max_concurrent, random_state=cfg.run.seed)
@@ -253,17 +248,13 @@ def searcher(cfg: Config, space: dict[str, Any]):
     except ImportError:
         raise ConfigError("config field 'tune.search': optuna is not installed "
                           "(pip install 'mama-ray[optuna]')") from None
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch  # why: imports optuna, an optional dependency
 
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=t.max_concurrent)
 
 
 def new_tuner(cfg: Config, space: dict[str, Any], sweep: str):
     """A fresh ``Tuner``: ASHA on ``tune.metric``, seeded :func:`searcher`, at most ``tune.max_concurrent`` trials."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     t = cfg.tune
     fs, path = _storage(cfg, sweep)
     # stop_last_trials=False: a trial that reached max_t still ends its own way (final checkpoint,
@@ -280,8 +271,6 @@ def new_tuner(cfg: Config, space: dict[str, Any], sweep: str):
 
 def restored_tuner(cfg: Config, sweep: str):
     """The interrupted sweep at ``sweep``: finished trials are kept, unfinished and errored ones resumed."""
-    from ray import tune
-
     fs, path = _storage(cfg, sweep)
     if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         raise ConfigError(f"--resume: no sweep to resume at {sweep} (same --config, --space and --set as "
@@ -303,7 +292,7 @@ def run_sweep(cfg: Config, space: dict[str, Any], resume: bool = False) -> Sweep
 
     Args:
         cfg: the sweep's config; ``tune.*`` sets ASHA, samples and concurrency, ``scaling.*`` each trial.
-        space: dotted config field → Tune domain (``tune/search_spaces.py``).
+        space: dotted config field → Tune domain (``mama_ray/search_spaces.py``).
         resume: continue the interrupted sweep of the same name instead of starting one.
     Returns:
         A :class:`SweepOutcome`. Needs Ray to be initialised.
@@ -311,7 +300,6 @@ def run_sweep(cfg: Config, space: dict[str, Any], resume: bool = False) -> Sweep
     check_sweep(cfg, space)
     if cfg.tune.metric.startswith((ZERO_SHOT_PREFIX, VAL_PREFIX)):
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # some training results lack it by design
-    from mama_ray.train.launch import with_default_data
 
     cfg = with_default_data(cfg)
     sweep = sweep_uri(cfg)
@@ -319,7 +307,6 @@ def run_sweep(cfg: Config, space: dict[str, Any], resume: bool = False) -> Sweep
         tuner = restored_tuner(cfg, sweep)
     else:
         fs, path = _storage(cfg, sweep)
-        from ray import tune
 
         if tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise ConfigError(f"a sweep already exists at {sweep}: pass --resume to continue it, "
@@ -341,8 +328,6 @@ def trial_rows(cfg: Config, grid) -> list[dict[str, Any]]:
     A trial is complete when its run reached its last step (a trial resumed mid-run by ``--resume``
     reports fewer times than ``max_t`` yet completes), else it was stopped early.
     """
-    from mama_ray.train.loop import stop_step
-
     last_step, metric = stop_step(cfg), cfg.tune.metric
     rows = []
     for result in grid:

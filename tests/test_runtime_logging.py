@@ -61,9 +61,9 @@ def test_setup_logging_levels_ours_and_third_party():
     ray_data_logging.configure_logging()  # as after any Ray Data use in this process (CI's order)
     try:
         assert runtime.setup_logging("warning") == logging.WARNING
-        assert not logging.getLogger("mama_ray.eval.export").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("mama_ray.export.hf").isEnabledFor(logging.INFO)
         runtime.setup_logging("info")
-        assert logging.getLogger("mama_ray.eval.export").isEnabledFor(logging.INFO)
+        assert logging.getLogger("mama_ray.export.hf").isEnabledFor(logging.INFO)
         for name in ("DeepSpeed", "transformers", "urllib3", "ray.data", "botocore"):
             assert _console_threshold(name) == logging.WARNING, name
         runtime.setup_logging("debug")

@@ -5,24 +5,23 @@
     mama-sweep --config base --space loss_weights --num-samples 16 [--set a.b=v]
     mama-sweep ... --resume                     # finish an interrupted sweep
 
-Spaces are named in tune/search_spaces.py. The run prints the table of trials and ends with the
+Spaces are named in mama_ray/search_spaces.py. The run prints the table of trials and ends with the
 path of the best trial's config (best_config.yaml), which jobs/pretrain.py --config accepts.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__:  # installed: mama_ray.tune.sweep (the mama-sweep command)
-    from .search_spaces import SPACES, get_space
-else:  # `python tune/sweep.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # search_spaces beside this file
-    from search_spaces import SPACES, get_space
-
-from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
+try:
+    from mama_ray.config import add_config_args, load_from_args
+    from mama_ray.runtime import init_ray, job_parser, parse_args, run_main
+    from mama_ray.search_spaces import SPACES, get_space
+except ModuleNotFoundError as e:  # `python tune/sweep.py` from a checkout without the package installed
+    if e.name != "mama_ray":
+        raise
+    print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
+    sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
 
 
 def main() -> int:
@@ -38,6 +37,7 @@ def main() -> int:
         args.overrides.append(f"tune.num_samples={args.num_samples}")
     cfg = load_from_args(args)
     space = get_space(cfg.tune.space)
+    # why: after parsing: --help loads no torch
     from mama_ray.sweep import check_sweep, local_cpus, run_sweep
 
     check_sweep(cfg, space)  # a bad sweep fails before Ray starts

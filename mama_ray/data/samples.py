@@ -74,9 +74,10 @@ def eval_caption_fields(row: dict[str, Any]) -> captions.CaptionFields:
 _TOKENIZERS: dict[str, Any] = {}  # one per process and tokenizer URI: map tasks reuse processes
 
 
-def tokenize(cfg: Config, texts: list[str]) -> dict[str, np.ndarray]:
+def caption_tokens(cfg: Config, texts: list[str]) -> dict[str, np.ndarray]:
     """Model texts → ``input_ids``/``attention_mask`` int64 B×L and ``sep_mask`` bool B×L."""
-    from mama_ray.models.tokenizer import encode_texts, load_tokenizer
+    # why: transformers loads in the processes that tokenise (map tasks), not in every importer of samples
+    from mama_ray.data.tokenizer import load_tokenizer, token_arrays
 
     if not texts:
         return {"input_ids": np.zeros((0, cfg.text.max_len), np.int64),
@@ -84,7 +85,7 @@ def tokenize(cfg: Config, texts: list[str]) -> dict[str, np.ndarray]:
                 "sep_mask": np.zeros((0, cfg.text.max_len), bool)}
     if cfg.text.tokenizer not in _TOKENIZERS:
         _TOKENIZERS[cfg.text.tokenizer] = load_tokenizer(cfg)
-    return encode_texts(_TOKENIZERS[cfg.text.tokenizer], texts, cfg.text.max_len)
+    return token_arrays(_TOKENIZERS[cfg.text.tokenizer], texts, cfg.text.max_len)
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def train_columns(cfg: Config, samples: list[dict]) -> dict[str, np.ndarray]:
         out[key] = np.array([s[key] for s in samples], dtype=str)
     for key, dtype in TRAIN_DTYPES.items():
         out[key] = np.array([s[key] for s in samples], dtype=dtype)
-    return {**out, **tokenize(cfg, [captions.to_model_text(s["caption"]) for s in samples])}
+    return {**out, **caption_tokens(cfg, [captions.to_model_text(s["caption"]) for s in samples])}
 
 
 # ------------------------------------------------------------------------------------------
@@ -173,4 +174,4 @@ def eval_batch(batch: pa.Table, cfg: Config) -> dict[str, np.ndarray]:
         out[key] = np.array([("" if r[key] is None else str(r[key])) for r in rows], dtype=str)
     out["density"] = np.array([r["density"] for r in rows], np.int64)
     out["birads"] = np.array([r["birads"] for r in rows], np.int64)
-    return {**out, **tokenize(cfg, texts)}
+    return {**out, **caption_tokens(cfg, texts)}

@@ -161,7 +161,7 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
         local_ranks: training ranks whose executions share this node's object store: each gets
             ``1/local_ranks`` of the share, and blocks small enough that a few fit in it.
     """
-    import ray.data
+    import ray.data  # why: Ray loads where a dataset is built, not in map tasks that only transform
 
     fs, _ = storage.filesystem(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one item per block → per task
@@ -180,7 +180,7 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
 
 def _node_store_bytes() -> int:
     """Object store capacity of this process's node."""
-    import ray
+    import ray  # why: as in _item_dataset
 
     me = ray.get_runtime_context().get_node_id()
     return int(next(n["Resources"]["object_store_memory"] for n in ray.nodes() if n["NodeID"] == me))
@@ -242,7 +242,7 @@ def collate(rows: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, Any]:
     ``image1``/``image2`` come out as B×3×S×S uint8: a broadcast view of the one gray channel (no
     copy; move ``image[:, :1]`` to the device and expand there to send a third of the bytes).
     """
-    import torch
+    import torch  # why: map tasks on CPU-only data nodes never load torch; only the consumer collates
 
     out: dict[str, Any] = {}
     for key in TENSOR_KEYS:

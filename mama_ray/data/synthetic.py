@@ -37,6 +37,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from mama_ray.config import override
 from mama_ray.storage import StorageOptions, exists, join, write_bytes
 
 MG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
@@ -310,7 +311,7 @@ def ensure_default_shards(cfg) -> str:
     the real Ray job). Unless ``ingest.pseudonym_key`` names one, the ids are pseudonymised with
     a key generated beside the set (:func:`default_key`).
     """
-    from mama_ray.config import override
+    # why: ingest imports Ray; make_synthetic alone needs no Ray
     from mama_ray.data.ingest import run_ingest
 
     root = default_root(cfg)

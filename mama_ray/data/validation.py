@@ -43,10 +43,10 @@ from mama_ray.data import captions, transforms
 from mama_ray.data.pipeline import (
     birads_class,
     caption_fields,
+    caption_tokens,
     density_class,
     shard_paths,
     split_index,
-    tokenize,
     usable_images,
 )
 from mama_ray.data.shards import decode_image
@@ -184,7 +184,7 @@ class ValSet:
         """Pairs, tokens, labels and the batch order of the decoded samples."""
         self.pairs = np.array([(slot[s.key1], slot[s.key2]) for s in samples], np.int64)  # n×2
         texts = [captions.to_model_text(captions.caption_text(s.fields)) for s in samples]
-        self.tokens = tokenize(self.cfg, texts)  # input_ids / attention_mask / sep_mask, n×L
+        self.tokens = caption_tokens(self.cfg, texts)  # input_ids / attention_mask / sep_mask, n×L
         self.density = np.array([density_class(s.fields.density) for s in samples], np.int64)
         self.birads = np.array([birads_class(s.fields.birads) for s in samples], np.int64)
         self.fields = [s.fields for s in samples]
@@ -212,7 +212,7 @@ class ValSet:
         int64 B×L, ``sep_mask`` bool B×L, ``density``/``birads`` int64 B (−1 unknown) and
         ``index`` int64 B (the samples' positions in :attr:`fields`).
         """
-        import torch
+        import torch  # why: the data package loads torch only where it makes tensors (here, stream.collate)
 
         b = self.cfg.train.micro_batch_size
         for start in range(0, self.num_samples, b):

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 from mama_ray.data import captions
+from mama_ray.eval.plots import sentence_heatmaps_png
+from mama_ray.eval.zero_shot import caption_texts
+from mama_ray.models.zero_shot import token_tensors
 
 
 def sentences(model_text: str) -> list[str]:
@@ -27,11 +30,9 @@ def sentence_patch_similarity(model, tokenizer, image: np.ndarray, model_text: s
     Args:
         image: 3×S×S uint8. model_text: the caption as :func:`captions.to_model_text` makes it.
     """
-    from mama_ray.eval.zero_shot import tokenize
-
     pixels = torch.from_numpy(np.ascontiguousarray(image[None]))  # 1×3×S×S uint8
     patch_emb = model.encode_image(pixels)["patch_emb"][0]  # P×E′
-    enc = tokenize(tokenizer, [model_text], model.cfg.text.max_len, torch.device("cpu"))
+    enc = token_tensors(tokenizer, [model_text], model.cfg.text.max_len, torch.device("cpu"))
     text = model.encode_text(enc["input_ids"], enc["attention_mask"], enc["sep_mask"], local=True)
     sent_emb = text["sent_emb"][0][text["sent_mask"][0]]  # K×E′
     return (sent_emb @ patch_emb.T).float().numpy()
@@ -39,9 +40,6 @@ def sentence_patch_similarity(model, tokenizer, image: np.ndarray, model_text: s
 
 def attention_pngs(model, tokenizer, batch: dict[str, np.ndarray]) -> dict[str, bytes]:
     """One PNG per row of an evaluation batch: ``{image_id: png bytes}``."""
-    from mama_ray.eval.plots import sentence_heatmaps_png
-    from mama_ray.eval.zero_shot import caption_texts
-
     out = {}
     for i, (image_id, text) in enumerate(zip(batch["image_id"], caption_texts(batch), strict=True)):
         sims = sentence_patch_similarity(model, tokenizer, batch["image"][i], text)

@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 from mama_ray.config import Config
+from mama_ray.data.pipeline import build_eval_dataset
+from mama_ray.eval.zero_shot import caption_texts, score_batch
+from mama_ray.layout import load_model_from_checkpoint
+from mama_ray.models.zero_shot import text_embeddings
 
 
 def actor_cpus(cluster_cpus: float, actors: int) -> float:
@@ -24,7 +28,7 @@ def actor_cpus(cluster_cpus: float, actors: int) -> float:
 
 def map_options(cfg: Config) -> dict:
     """``map_batches`` arguments of the inference actor pool."""
-    import ray
+    import ray  # why: Ray only where a pool is built (the module is imported on the driver's light paths too)
     from ray.data import ActorPoolStrategy
 
     gpu = 1 if cfg.scaling.use_gpu else 0
@@ -51,8 +55,6 @@ class CheckpointActor:
     """Base of the ``map_batches`` callables: loads the checkpoint once per actor."""
 
     def __init__(self, cfg: Config, checkpoint_uri: str):
-        from mama_ray.train.checkpoint import load_model_from_checkpoint
-
         model, self.tokenizer, self.model_cfg, _ = load_model_from_checkpoint(checkpoint_uri)
         self.device = device()
         self.model = model.to(self.device).eval()
@@ -77,15 +79,13 @@ class Evaluator(CheckpointActor):
 
     @torch.no_grad()  # grad mode is per thread: set it where the batch is processed
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mama_ray.eval.zero_shot import caption_texts, encode_texts, score_batch
-
         out = {k: batch[k] for k in ("image_id", "density", "birads")}
         img = self.model.encode_image(self.images(batch), local=False)
         if "zero_shot" in self.outputs:
             out.update(score_batch(self.model, self.tokenizer, batch, img["image_emb"],
                                    self.model_cfg.text.max_len, self.cfg.eval.text_feature))
         if "embed" in self.outputs:
-            text_emb = encode_texts(self.model, self.tokenizer, caption_texts(batch),
+            text_emb = text_embeddings(self.model, self.tokenizer, caption_texts(batch),
                                     self.model_cfg.text.max_len, self.cfg.eval.text_feature)
             out.update({"pooled_image": img["pooled_image"].float().cpu().numpy(),
                         "image_emb": img["image_emb"].float().cpu().numpy(),
@@ -99,8 +99,6 @@ def infer_split(cfg: Config, checkpoint_uri: str, split: str, outputs: tuple[str
                 keep_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:class:`Evaluator` outputs for the images of ``split`` (only ``keep_ids`` if given),
     as numpy columns sorted by image id."""
-    from mama_ray.data.pipeline import build_eval_dataset
-
     unknown = [o for o in outputs if o not in OUTPUTS]
     assert not unknown, unknown
     ds = build_eval_dataset(cfg, split)
@@ -113,6 +111,4 @@ def infer_split(cfg: Config, checkpoint_uri: str, split: str, outputs: tuple[str
 
 def split_labels(cfg: Config, split: str) -> dict[str, np.ndarray]:
     """``image_id``, ``density``, ``birads`` of every image of ``split`` (no model), sorted."""
-    from mama_ray.data.pipeline import build_eval_dataset
-
     return collect(build_eval_dataset(cfg, split).select_columns(["image_id", "density", "birads"]))

@@ -20,6 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from mama_ray.eval_metrics import softmax  # noqa: E402
+from mama_ray.models.zero_shot import CLASS_NAMES  # noqa: E402
+
 DPI = 100
 
 
@@ -107,3 +110,11 @@ def sentence_heatmaps_png(image: np.ndarray, sims: np.ndarray, sentences: list[s
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     return _png(fig)
+
+
+def classification_pngs(prefix: str, task: str, metrics: dict, y: np.ndarray, scores: np.ndarray) -> dict[str, bytes]:
+    """Confusion matrix and ROC curves of one task: ``{file name: png}``."""
+    names = CLASS_NAMES[task]
+    title = f"{prefix.replace('_', ' ')} {task}: bal. acc {metrics['balanced_accuracy']:.3f}"
+    return {f"{prefix}_{task}_confusion.png": confusion_png(np.array(metrics["confusion_matrix"]), names, title),
+            f"{prefix}_{task}_roc.png": roc_png(y, softmax(scores), names, title)}

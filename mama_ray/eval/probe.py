@@ -28,8 +28,14 @@ import torch
 from torch import nn
 
 from mama_ray.config import ConfigError, EvalConfig
+from mama_ray.data.transforms import to_rgb_chw, train_transform
+from mama_ray.eval.inference import device
+from mama_ray.eval_metrics import classification_metrics
+from mama_ray.layout import load_model_from_checkpoint
+from mama_ray.models.mama import normalize_image
+from mama_ray.models.zero_shot import NUM_CLASSES, TASKS
 from mama_ray.runtime import Progress
-from mama_ray.train.schedule import lr_at
+from mama_ray.schedule import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +152,6 @@ def _per_task_and_fraction(cfg, train: dict[str, np.ndarray], test: dict[str, np
                            test_ids: dict[str, np.ndarray], fit_and_score, what: str) -> dict:
     """Run ``fit_and_score(task, num_classes, train_rows, test_rows, progress) -> scores`` for every
     task and data fraction; ``{task: {"<fraction>": classification metrics + "train_images"}}``."""
-    from mama_ray.eval.metrics import classification_metrics
-    from mama_ray.eval.zero_shot import NUM_CLASSES, TASKS
-
     out: dict = {}
     progress = Progress(f"{what} steps", len(TASKS) * len(cfg.eval.data_fractions) * cfg.eval.probe_steps, log)
     for task in TASKS:
@@ -172,8 +175,6 @@ class FineTuner(nn.Module):
         self.head = nn.Linear(vision.hidden_size, num_classes)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:  # B×{1,3}×S×S uint8 → B×classes
-        from mama_ray.models.mama import normalize_image
-
         image = image.expand(-1, 3, -1, -1)  # gray → the model's 3 equal channels
         pooled, _ = self.vision(normalize_image(image, self.head.weight.dtype))  # B×C
         return self.head(pooled)
@@ -181,8 +182,6 @@ class FineTuner(nn.Module):
 
 def _augment(images: np.ndarray, idx: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
     """SimCLR train augmentation (method.md §1.6) of the gray channel of the chosen eval images."""
-    from mama_ray.data.transforms import to_rgb_chw, train_transform
-
     return torch.from_numpy(np.stack([to_rgb_chw(train_transform(images[i, 0], size, rng)) for i in idx]))
 
 
@@ -213,9 +212,6 @@ def finetune_metrics(cfg, checkpoint_uri: str, train: dict[str, np.ndarray], tes
     Returns:
         ``{task: {"<fraction>": classification metrics + "train_images"}}``.
     """
-    from mama_ray.eval.inference import device
-    from mama_ray.train.checkpoint import load_model_from_checkpoint
-
     model, _, _, _ = load_model_from_checkpoint(checkpoint_uri)
     dev = device()
 

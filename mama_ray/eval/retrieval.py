@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mama_ray.eval.metrics import match_ranks, recall_from_ranks
+from mama_ray.eval_metrics import match_ranks, recall_from_ranks
 
 CHUNK = 2048  # query rows per similarity block (2048 × N floats)
 

@@ -2,22 +2,29 @@
 
 ``evaluate`` runs the chosen tasks on one checkpoint and writes ``metrics.json`` and the PNGs
 into one output folder (local or s3://); ``run_zero_shot`` is the zero-shot part alone, which
-the pretraining job calls at its end. The ``metrics.json`` layout is documented in
-``docs/evaluation.md``.
+the pretraining job calls at its end. Pictures are :mod:`mama_ray.eval.plots`, writing the results
+:mod:`mama_ray.eval.outputs` (the ``metrics.json`` layout is documented in ``docs/evaluation.md``).
 """
 
 from __future__ import annotations
 
-import json
-import math
-
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mama_ray import storage
 from mama_ray.config import Config
-from mama_ray.eval import plots
-from mama_ray.eval.metrics import softmax
-from mama_ray.eval.zero_shot import CLASS_NAMES, TASKS
+from mama_ray.data.pipeline import READ_COLUMNS, eval_batch, shard_paths
+from mama_ray.eval import probe
+from mama_ray.eval.attention import attention_pngs
+from mama_ray.eval.inference import infer_split, split_labels
+from mama_ray.eval.outputs import predictions_parquet, write_outputs, zero_shot_table
+from mama_ray.eval.plots import classification_pngs
+from mama_ray.eval.retrieval import retrieval_metrics
+from mama_ray.eval.zero_shot import task_metrics, task_rows
+from mama_ray.layout import load_model_from_checkpoint
+from mama_ray.models.zero_shot import TASKS
 
 ALL_TASKS = ("zero_shot", "probe", "finetune", "retrieval", "attention")
 DEFAULT_TASKS = ("zero_shot", "probe", "retrieval", "attention")
@@ -26,27 +33,6 @@ DEFAULT_TASKS = ("zero_shot", "probe", "retrieval", "attention")
 def default_out_uri(checkpoint_uri: str) -> str:
     """Where results go when no ``--out`` is given: ``<checkpoint>/eval``."""
     return storage.join(checkpoint_uri, "eval")
-
-
-def _jsonable(value):
-    """NaN → None (JSON has no NaN), numpy scalars → Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def classification_pngs(prefix: str, task: str, metrics: dict, y: np.ndarray, scores: np.ndarray) -> dict[str, bytes]:
-    """Confusion matrix and ROC curves of one task: ``{file name: png}``."""
-    names = CLASS_NAMES[task]
-    title = f"{prefix.replace('_', ' ')} {task}: bal. acc {metrics['balanced_accuracy']:.3f}"
-    return {f"{prefix}_{task}_confusion.png": plots.confusion_png(np.array(metrics["confusion_matrix"]), names, title),
-            f"{prefix}_{task}_roc.png": plots.roc_png(y, softmax(scores), names, title)}
 
 
 def eval_pass(cfg: Config, checkpoint_uri: str, outputs: tuple[str, ...]) -> tuple[dict, dict]:
@@ -58,9 +44,6 @@ def eval_pass(cfg: Config, checkpoint_uri: str, outputs: tuple[str, ...]) -> tup
     Returns:
         (:func:`infer_split` columns; task → image ids that task is evaluated on).
     """
-    from mama_ray.eval.inference import infer_split, split_labels
-    from mama_ray.eval.zero_shot import task_rows
-
     if not cfg.eval.balanced_test:
         preds = infer_split(cfg, checkpoint_uri, cfg.eval.split, outputs)
         return preds, task_rows(cfg, preds)
@@ -71,8 +54,6 @@ def eval_pass(cfg: Config, checkpoint_uri: str, outputs: tuple[str, ...]) -> tup
 
 def zero_shot_results(preds: dict, ids: dict) -> tuple[dict, dict[str, bytes]]:
     """Zero-shot metrics per task, and the pictures + per-image predictions file."""
-    from mama_ray.eval.zero_shot import task_metrics
-
     metrics = task_metrics(preds, ids)
     files = {"zero_shot_predictions.parquet": predictions_parquet(preds)}
     for task in TASKS:
@@ -80,40 +61,6 @@ def zero_shot_results(preds: dict, ids: dict) -> tuple[dict, dict[str, bytes]]:
         files.update(classification_pngs("zero_shot", task, metrics[task], preds[task][rows],
                                          preds[f"{task}_scores"][rows]))
     return metrics, files
-
-
-def predictions_parquet(preds: dict) -> bytes:
-    """Per-image labels and zero-shot scores (τ·cos) as Parquet bytes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {k: pa.array(preds[k]) for k in ("image_id", "density", "birads")}
-    for task in TASKS:
-        scores = np.ascontiguousarray(preds[f"{task}_scores"], dtype=np.float32)  # N×K
-        cols[f"{task}_scores"] = pa.FixedSizeListArray.from_arrays(pa.array(scores.ravel()), scores.shape[1])
-    buf = pa.BufferOutputStream()
-    pq.write_table(pa.table(cols), buf)
-    return buf.getvalue().to_pybytes()
-
-
-def format_table(metrics: dict) -> str:
-    """The zero-shot summary table (one line per task)."""
-    from mama_ray.eval.zero_shot import NUM_CLASSES
-
-    lines = [f"{'zero-shot':<10}{'n':>7}{'acc':>8}{'bal.acc':>9}{'AUC':>8}{'chance':>8}"]
-    for task in TASKS:
-        m = metrics[task]
-        lines.append(f"{task:<10}{m['n']:>7}{m['accuracy']:>8.3f}{m['balanced_accuracy']:>9.3f}"
-                     f"{m['auc']:>8.3f}{1 / NUM_CLASSES[task]:>8.3f}")
-    return "\n".join(lines)
-
-
-def write_outputs(out_uri: str, metrics: dict, files: dict[str, bytes], opts: storage.StorageOptions) -> None:
-    """``metrics.json`` and every file (names may contain one sub-folder) under ``out_uri``."""
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out_uri, name), data, opts)
-    text = json.dumps(_jsonable(metrics), indent=1, allow_nan=False)
-    storage.write_bytes(storage.join(out_uri, "metrics.json"), text.encode(), opts)
 
 
 def run_zero_shot(cfg: Config, checkpoint_uri: str, out_uri: str | None = None) -> tuple[dict, str]:
@@ -129,7 +76,7 @@ def run_zero_shot(cfg: Config, checkpoint_uri: str, out_uri: str | None = None) 
     if out_uri:
         write_outputs(out_uri, {**settings(cfg, checkpoint_uri), "zero_shot": metrics}, files,
                       storage.StorageOptions.from_config(cfg.storage))
-    return metrics, format_table(metrics)
+    return metrics, zero_shot_table(metrics)
 
 
 def settings(cfg: Config, checkpoint_uri: str) -> dict:
@@ -142,12 +89,6 @@ def settings(cfg: Config, checkpoint_uri: str) -> dict:
 def first_eval_rows(cfg: Config, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` evaluation rows of the split in shard order, made in this process by the
     pipeline's own map function (a handful of images needs no cluster)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from mama_ray.data.pipeline import READ_COLUMNS, eval_batch, shard_paths
-
     fs, files = shard_paths(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
     parts, count = [], 0
     for path in files:
@@ -164,9 +105,6 @@ def first_eval_rows(cfg: Config, n: int) -> dict[str, np.ndarray]:
 
 def attention(cfg: Config, checkpoint_uri: str) -> tuple[dict, dict[str, bytes]]:
     """Sentence→patch heatmaps of the first ``eval.attention_images`` images of the split."""
-    from mama_ray.eval.attention import attention_pngs
-    from mama_ray.train.checkpoint import load_model_from_checkpoint
-
     batch = first_eval_rows(cfg, cfg.eval.attention_images)
     if not batch or not len(batch["image_id"]):
         return {"images": []}, {}
@@ -193,10 +131,6 @@ def evaluate(cfg: Config, checkpoint_uri: str, tasks: list[str] | tuple[str, ...
     Returns:
         the metrics dict written (layout: docs/evaluation.md).
     """
-    from mama_ray.eval import probe
-    from mama_ray.eval.inference import infer_split
-    from mama_ray.eval.retrieval import retrieval_metrics
-
     tasks = check_tasks(list(tasks))
     out_uri = out_uri or default_out_uri(checkpoint_uri)
     metrics, files = settings(cfg, checkpoint_uri), {}
@@ -222,42 +156,3 @@ def evaluate(cfg: Config, checkpoint_uri: str, tasks: list[str] | tuple[str, ...
     metrics["files"] = sorted(files)
     write_outputs(out_uri, metrics, files, storage.StorageOptions.from_config(cfg.storage))
     return metrics
-
-
-WHICH = ("latest", "best")
-
-
-def resolve_checkpoint(uri: str, which: str = "latest") -> str:
-    """A checkpoint folder as given, or a run folder's newest (``latest``) or ``best`` checkpoint.
-
-    The best is the one ``train.best_metric`` picked during training (``<run>/best``,
-    :mod:`mama_ray.train.best`); the latest is what a resume uses.
-
-    Raises:
-        StorageError: neither a checkpoint (``train_state.json``) nor a run with checkpoints, or
-            ``best`` asked of a run without one (trained without validation).
-    """
-    from mama_ray.train.best import best_checkpoint
-    from mama_ray.train.checkpoint import latest_checkpoint
-
-    if which not in WHICH:
-        raise ValueError(f"which={which!r}: choose from {', '.join(WHICH)}")
-    if storage.exists(storage.join(uri, "train_state.json")):
-        return uri
-    if which == "best":
-        best = best_checkpoint(uri) if storage.exists(uri) else None
-        if best is None:
-            raise storage.StorageError(f"{uri}: no best checkpoint (best/best.json) in this run folder; it is "
-                                       "written by validation during training (train.val_every > 0)")
-        return best
-    latest = latest_checkpoint(uri) if storage.exists(uri) else None
-    if latest is None:
-        raise storage.StorageError(f"{uri}: not a checkpoint folder and no checkpoint_* folder inside")
-    return latest
-
-
-def eval_config(checkpoint_uri: str, name: str | None, overrides: list[str]) -> Config:
-    """``name`` (preset/YAML) or else the checkpoint's own ``config.yaml``, with overrides."""
-    from mama_ray.config import load
-
-    return load(name or storage.join(checkpoint_uri, "config.yaml"), overrides)

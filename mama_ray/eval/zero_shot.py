@@ -7,6 +7,7 @@ is the hidden state at the first padding position (``eval.text_feature: first_pa
 original zero-shot code) or the training mean pool (``mean``); score = τ·cos(image, prompt) with
 τ = exp(logit_scale); prediction = argmax. Metrics use softmax(score) once (method.md §5.2).
 
+The scoring itself is :mod:`mama_ray.models.zero_shot` (validation during training uses it too).
 Inference is distributed with Ray Data: :mod:`mama_ray.eval.inference` streams the split through
 an actor pool that calls :func:`score_batch`.
 
@@ -23,47 +24,20 @@ import torch
 
 from mama_ray.config import Config
 from mama_ray.data import captions
-
-TASKS = ("density", "birads")
-NUM_CLASSES = {"density": 4, "birads": 7}
-CLASS_NAMES = {
-    "density": ["A fatty", "B scattered", "C heterogeneous", "D extreme"],
-    "birads": [f"{n} ({c})" for n, c in enumerate(captions.BIRADS_LETTERS)],
-}
+from mama_ray.data.samples import EVAL_FIELDS, eval_caption_fields
+from mama_ray.eval_metrics import classification_metrics
+from mama_ray.models.zero_shot import TASKS, score_fields
 
 
 def row_fields(batch: dict[str, np.ndarray], i: int) -> captions.CaptionFields:
     """The unmasked caption fields of row ``i`` of an evaluation batch."""
-    from mama_ray.data.pipeline import EVAL_FIELDS, eval_caption_fields
-
     return eval_caption_fields({k: batch[k][i] for k in EVAL_FIELDS})
-
-
-def prompts(fields: captions.CaptionFields, task: str) -> list[str]:
-    """The model texts (BOS … EOS, separators) of one image's class prompts for ``task``."""
-    make = captions.density_prompts if task == "density" else captions.birads_prompts
-    return [captions.to_model_text(p) for p in make(fields)]
 
 
 def caption_texts(batch: dict[str, np.ndarray]) -> list[str]:
     """The model texts of each row's own full, unmasked caption (method.md §1.3)."""
     return [captions.to_model_text(captions.caption_text(row_fields(batch, i)))
             for i in range(len(batch["image_id"]))]
-
-
-def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask``, ``sep_mask`` (N×L) on ``device``, with the checkpoint's tokenizer."""
-    from mama_ray.models.tokenizer import encode_texts as encode
-
-    return {k: torch.as_tensor(v, device=device) for k, v in encode(tokenizer, texts, max_len).items()}
-
-
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], max_len: int, pooling: str) -> torch.Tensor:
-    """Global text embeddings (N×E, L2-normalised) of model texts."""
-    enc = tokenize(tokenizer, texts, max_len, model.logit_scale.device)
-    out = model.encode_text(enc["input_ids"], enc["attention_mask"], pooling=pooling, local=False)
-    return out["text_emb"].float()
 
 
 @torch.no_grad()
@@ -78,22 +52,6 @@ def score_batch(model, tokenizer, batch: dict[str, np.ndarray], image_emb: torch
     """
     fields = [row_fields(batch, i) for i in range(len(image_emb))]
     return score_fields(model, tokenizer, fields, image_emb, max_len, pooling)
-
-
-@torch.no_grad()
-def score_fields(model, tokenizer, fields: list[captions.CaptionFields], image_emb: torch.Tensor, max_len: int,
-                 pooling: str) -> dict:
-    """:func:`score_batch` for images given by their caption fields (validation during training uses it)."""
-    image_emb = image_emb.float()
-    tau = model.logit_scale.detach().float().exp()  # [1]
-    out = {}
-    for task in TASKS:
-        texts = [t for f in fields for t in prompts(f, task)]
-        text_emb = encode_texts(model, tokenizer, texts, max_len, pooling)  # (B·K)×E
-        text_emb = text_emb.view(len(fields), NUM_CLASSES[task], -1)  # B×K×E
-        scores = tau * torch.einsum("be,bke->bk", image_emb, text_emb.to(image_emb.device))  # B×K
-        out[f"{task}_scores"] = scores.cpu().numpy()
-    return out
 
 
 def balanced_subset(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -120,8 +78,6 @@ def task_rows(cfg: Config, labels: dict[str, np.ndarray]) -> dict[str, np.ndarra
 
 def task_metrics(preds: dict[str, np.ndarray], ids: dict[str, np.ndarray]) -> dict:
     """Per-task classification metrics (see :func:`metrics.classification_metrics`)."""
-    from mama_ray.eval.metrics import classification_metrics
-
     out = {}
     for task in TASKS:
         rows = np.isin(preds["image_id"], ids[task])

@@ -39,7 +39,7 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     this rank; just ``(x, 0)`` without an initialised process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    import torch.distributed.nn.functional as dist_fn
+    import torch.distributed.nn.functional as dist_fn  # why: autograd-aware collectives, only with a process group
 
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from mama_ray import config
-from mama_ray.models.params import BIOMEDLM_VOCAB, count_parameters, format_table
+from mama_ray.models.params import BIOMEDLM_VOCAB, count_parameters, format_param_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     vocab = a.vocab_size or (BIOMEDLM_VOCAB if a.preset == "base" else None)
     counts = count_parameters(cfg, vocab_size=vocab)
-    print(json.dumps(counts) if a.json else format_table(counts))
+    print(json.dumps(counts) if a.json else format_param_table(counts))
 
 
 if __name__ == "__main__":

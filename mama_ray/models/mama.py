@@ -19,9 +19,9 @@ from torch import nn
 
 from mama_ray import config, storage
 from mama_ray.config import Config
+from mama_ray.data.tokenizer import load_tokenizer, load_tokenizer_folder, save_tokenizer
 from mama_ray.models.heads import LocalImageHead, LocalTextHead, MultiViewHead
 from mama_ray.models.text import TextTower, build_trunk, gather_sentences, pool_text
-from mama_ray.models.tokenizer import load_tokenizer_folder, save_tokenizer
 from mama_ray.models.vision import VisionTower, build_vit
 
 WEIGHTS_FILE = "model.safetensors"
@@ -197,8 +197,6 @@ def build_model(cfg: Config, tokenizer=None) -> MamaModel:
             text embeddings; it is saved with the model). None → the tiny caption tokenizer.
     """
     if tokenizer is None:
-        from mama_ray.models.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(cfg)
     m = cfg.model
     vit = build_vit(m.vision, _weights_dir(m.vision.weights, cfg, "vision"))

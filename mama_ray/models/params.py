@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from mama_ray.config import Config
+from mama_ray.data.tokenizer import build_tiny_tokenizer
+from mama_ray.models.mama import build_model
 
 # Embedding rows BioMedLM's tokenizer has before the added special tokens (its config.json).
 BIOMEDLM_VOCAB = 28896
@@ -38,9 +40,6 @@ def _part(name: str) -> str:
 
 
 def _meta_model(cfg: Config, vocab_size: int | None) -> nn.Module:
-    from mama_ray.models.mama import build_model
-    from mama_ray.models.tokenizer import build_tiny_tokenizer
-
     text = dataclasses.replace(cfg.model.text, weights="", vocab_size=vocab_size or cfg.model.text.vocab_size)
     vision = dataclasses.replace(cfg.model.vision, weights="")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, text=text, vision=vision))
@@ -71,7 +70,7 @@ def count_parameters(model_or_cfg: nn.Module | Config, vocab_size: int | None = 
             "trainable": sum(r["trainable"] for r in parts.values())}
 
 
-def format_table(counts: dict) -> str:
+def format_param_table(counts: dict) -> str:
     """A fixed-width text table of :func:`count_parameters`' result (millions)."""
     lines = [f"{'part':<18}{'total':>14}{'trainable':>14}"]
     rows = [*counts["parts"].items(), ("all", counts)]

@@ -3,7 +3,8 @@
 Ray Train's ``CheckpointConfig(num_to_keep=K, checkpoint_score_attribute=…)`` keeps the top K by
 score, which can drop the latest (resume needs it); without a score it keeps the latest K, which
 drops the best. So Ray keeps the latest ``train.keep_checkpoints`` (resume always uses the newest)
-and the best is kept here, outside Ray's bookkeeping (Ray never deletes it):
+and the best is kept here, outside Ray's bookkeeping (Ray never deletes it; its names and readers are in
+:mod:`mama_ray.layout`):
 
     <run>/best/    model/model.safetensors, model/weights.json, tokenizer/, config.yaml,
                    train_state.json  — what evaluation and export load (no DeepSpeed state:
@@ -23,30 +24,10 @@ import math
 import tempfile
 from typing import Any
 
-from mama_ray import storage
+from mama_ray import layout, storage
 from mama_ray.config import Config
+from mama_ray.layout import BEST_FILE, best_uri, read_best
 from mama_ray.train import checkpoint as ckpt_mod
-
-BEST_DIR = "best"
-BEST_FILE = "best.json"
-
-
-def best_uri(run: str) -> str:
-    return storage.join(run, BEST_DIR)
-
-
-def read_best(run: str, opts: storage.StorageOptions | None = None) -> dict[str, Any] | None:
-    """The run's ``best.json`` (metric, mode, value, step), or None when it has no best checkpoint."""
-    uri = storage.join(best_uri(run), BEST_FILE)
-    if not run or not storage.exists(uri, opts):
-        return None
-    return json.loads(storage.read_bytes(uri, opts))
-
-
-def best_checkpoint(run: str, opts: storage.StorageOptions | None = None) -> str | None:
-    """URI of the run's best checkpoint folder, or None."""
-    return best_uri(run) if read_best(run, opts) is not None else None
-
 
 PHASED = ("val_loss",)  # metrics whose meaning changes at the late-loss step
 
@@ -78,7 +59,7 @@ class BestKeeper:
         self.opts = storage.StorageOptions.from_config(cfg.storage)
         self.record = read_best(run, self.opts)
 
-    def update(self, metrics: dict[str, float], state: ckpt_mod.TrainState, model, tokenizer) -> bool:
+    def update(self, metrics: dict[str, float], state: layout.TrainState, model, tokenizer) -> bool:
         """Write the best checkpoint if ``metrics`` improve it; collective (all ranks call it). Returns whether."""
         t = self.cfg.train
         value, at = metrics.get(t.best_metric), phase(self.cfg, state.step)
@@ -91,7 +72,7 @@ class BestKeeper:
             self._write(weights, tokenizer, state)
         return True
 
-    def _write(self, weights, tokenizer, state: ckpt_mod.TrainState) -> None:
+    def _write(self, weights, tokenizer, state: layout.TrainState) -> None:
         uri = best_uri(self.run)
         with tempfile.TemporaryDirectory(prefix="mama-best-") as tmp:
             ckpt_mod.write_model_files(tmp, weights, tokenizer, self.cfg, state)

@@ -12,54 +12,29 @@ A checkpoint folder (one per ``train.checkpoint_every`` optimizer steps, named
 * ``tokenizer/`` (Hugging Face format), ``config.yaml`` (the run's config) and
   ``train_state.json`` (step, epoch and samples consumed per rank, world size).
 
-:func:`load_model_from_checkpoint` is what evaluation and export use.
+The file names, :class:`TrainState` and reading a checkpoint back without DeepSpeed
+(:func:`~mama_ray.layout.load_model_from_checkpoint`) live in :mod:`mama_ray.layout`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from mama_ray import config as config_mod
-from mama_ray import storage
+from mama_ray import layout
+from mama_ray.data.tokenizer import save_tokenizer
+from mama_ray.errors import FatalTrainingError
+from mama_ray.layout import TrainState, read_train_state
 
 DS_TAG = "state"
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # this rank's data epoch
-    samples_in_epoch: int = 0  # samples this rank consumed in its current epoch (all segments, see below)
-    world_size: int = 1  # ranks of the run that wrote it
-    data_states: list[dict[str, int]] = field(default_factory=list)  # per rank: epoch, samples_in_epoch
-    rng: str = "rng/rank_<r>.pt"  # where each rank's RNG states are
-    # Elastic resume: earlier segments of epoch ``history_epoch`` run at other world sizes, as
-    # [world size, samples per rank consumed in it, micro-batch, grad_accum]; ``samples_in_epoch``
-    # counts their samples too.
-    epoch_history: list[list[int]] = field(default_factory=list)
-    history_epoch: int = -1
-
-    def data_history(self) -> tuple[tuple[int, ...], ...]:
-        """The earlier segments of the current epoch (empty unless it was resumed at another world size)."""
-        return tuple(tuple(int(v) for v in seg) for seg in self.epoch_history) if self.epoch == self.history_epoch else ()
-
-    def source_args(self) -> dict[str, Any]:
-        """Extra keyword arguments of ``BatchSource.epoch_batches`` for the current epoch (none in a plain run)."""
-        history = self.data_history()
-        return {"history": history} if history else {}
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -90,6 +65,7 @@ def _full_precision(p: torch.nn.Parameter) -> torch.Tensor:
     read the master. A collective (all ranks call it for the same parameters) when it applies.
     """
     if p.requires_grad and p.dtype != torch.float32:
+        # why: deepspeed reads DS_ACCELERATOR on first import and must not load on the driver (docs/pitfalls.md)
         from deepspeed.utils import safe_get_full_fp32_param
 
         master = safe_get_full_fp32_param(p)
@@ -100,6 +76,7 @@ def _full_precision(p: torch.nn.Parameter) -> torch.Tensor:
 
 def consolidated_state_dict(model: torch.nn.Module, cfg: config_mod.Config, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank (collective under ZeRO-3 and bf16: all ranks must call it)."""
+    # why: deepspeed reads DS_ACCELERATOR on first import and must not load on the driver (docs/pitfalls.md)
     import deepspeed
 
     keep_frozen = _keep_frozen(cfg)
@@ -116,8 +93,6 @@ def check_finite_weights(weights: dict[str, torch.Tensor], step: int) -> None:
     """Refuse to checkpoint NaN/inf weights (every rank holds the same consolidated weights)."""
     bad = [name for name, w in weights.items() if w.is_floating_point() and not bool(torch.isfinite(w).all())]
     if bad:
-        from mama_ray.train.failure import FatalTrainingError
-
         raise FatalTrainingError(f"step {step}: non-finite weights in {bad[:5]} ({len(bad)} tensors); "
                                  "no checkpoint written, so the latest checkpoint is the last finite one")
 
@@ -139,24 +114,13 @@ def write_model_files(folder: str | Path, weights: dict[str, torch.Tensor], toke
 
     The best checkpoint (:mod:`mama_ray.train.best`) is exactly this part.
     """
-    from safetensors.torch import save_file
-
-    from mama_ray.models.tokenizer import save_tokenizer
-
     folder = Path(folder)
     (folder / "model").mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model" / "model.safetensors"))
     (folder / "model" / "weights.json").write_text(json.dumps({"frozen_included": _keep_frozen(cfg)}))
     save_tokenizer(tokenizer, str(folder / "tokenizer"))
     (folder / "config.yaml").write_text(config_mod.dump_yaml(cfg))
-    (folder / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
-
-
-def read_train_state(folder: str | Path) -> TrainState:
-    path = Path(folder) / "train_state.json"
-    if not path.is_file():
-        raise ValueError(f"checkpoint {folder}: no train_state.json (not a mama-ray training checkpoint)")
-    return TrainState(**json.loads(path.read_text()))
+    (folder / layout.TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
 
 
 def restore(folder: str | Path, *, engine, rank: int, world_size: int) -> TrainState:
@@ -233,6 +197,7 @@ def _load_engine_elastic(engine, folder: Path, old_world: int) -> None:
 
 def _reshard_zero_optimizer(zero, tag_dir: Path, old_world: int) -> None:
     """Set ``zero``'s partition of the fp32 weights and optimizer state from ``old_world`` saved partitions."""
+    # why: deepspeed reads DS_ACCELERATOR on first import and must not load on the driver (docs/pitfalls.md)
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import (
         BASE_OPTIMIZER_STATE,
@@ -271,53 +236,3 @@ def _my_part(partitions: list[torch.Tensor], rank: int, size: int) -> torch.Tens
     flat = torch.cat([p.flatten() for p in partitions])
     mine = flat[rank * size : (rank + 1) * size]
     return torch.cat([mine, mine.new_zeros(size - mine.numel())])
-
-
-@contextlib.contextmanager
-def _local(uri: str):
-    """A local folder with the checkpoint at ``uri`` (downloaded to a temp folder if remote)."""
-    if not storage.is_s3(uri):
-        yield Path(storage.filesystem(uri)[1])
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.download_dir(uri, tmp)
-        yield Path(tmp)
-
-
-def load_model_from_checkpoint(uri: str):
-    """Rebuild the trained model without DeepSpeed.
-
-    Args:
-        uri: a checkpoint folder (local path, file:// or s3://) written by the training loop.
-    Returns:
-        ``(model, tokenizer, cfg, train_state)``: the ``MamaModel`` in eval mode on CPU with the
-        checkpoint's weights, its tokenizer, the run's :class:`~mama_ray.config.Config` and
-        :class:`TrainState`.
-    Raises:
-        ValueError: the folder is not a mama-ray training checkpoint.
-    """
-    from safetensors.torch import load_file
-
-    from mama_ray.models import build_model
-    from mama_ray.models.tokenizer import load_tokenizer_folder
-
-    with _local(uri) as folder:
-        if not (folder / "config.yaml").is_file() or not (folder / "model" / "model.safetensors").is_file():
-            raise ValueError(f"checkpoint {uri}: missing config.yaml or model/model.safetensors")
-        cfg = config_mod.from_dict(config_mod.load_yaml_text((folder / "config.yaml").read_text(), uri))
-        tokenizer = load_tokenizer_folder(folder / "tokenizer", f"{uri}/tokenizer")
-        state = read_train_state(folder)
-        weights = load_file(str(folder / "model" / "model.safetensors"))
-        meta = json.loads((folder / "model" / "weights.json").read_text())
-    model = build_model(cfg, tokenizer)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or (meta["frozen_included"] and missing):
-        raise ValueError(f"checkpoint {uri}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    return model.eval(), tokenizer, cfg, state
-
-
-def latest_checkpoint(run_uri: str, opts: storage.StorageOptions | None = None) -> str | None:
-    """URI of the newest ``checkpoint_*`` folder with a ``train_state.json`` under a run folder."""
-    files = storage.list_files(run_uri, suffix="train_state.json", opts=opts)
-    ckpts = sorted(f.rsplit("/", 2)[-2] for f in files if f.rsplit("/", 2)[-2].startswith("checkpoint_"))
-    return storage.join(run_uri, ckpts[-1]) if ckpts else None

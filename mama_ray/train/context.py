@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mama_ray import storage
+
 
 class TrainContext:
     """What the loop needs from its runtime. Subclasses fill in the fields and the three methods."""
@@ -42,7 +44,7 @@ class RayTrainContext(TrainContext):
     """Inside a Ray Train worker. ``resume_from`` is used only when the run has no checkpoint yet."""
 
     def __init__(self, resume_from: str = "", storage_filesystem=None):
-        import ray.train
+        import ray.train  # why: LocalContext (tests, benchmarks) runs without Ray Train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -51,7 +53,7 @@ class RayTrainContext(TrainContext):
         self._fs = storage_filesystem
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
-        import ray.train
+        import ray.train  # why: LocalContext (tests, benchmarks) runs without Ray Train
 
         if not checkpoint_dir:
             # Train V2's controller takes one report per worker per poll (every 2 s) and a worker
@@ -65,7 +67,7 @@ class RayTrainContext(TrainContext):
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[str | None]:
-        import ray.train
+        import ray.train  # why: LocalContext (tests, benchmarks) runs without Ray Train
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None and self._resume_from:
@@ -79,9 +81,7 @@ class RayTrainContext(TrainContext):
 
 def _checkpoint_from_uri(uri: str, fs=None):
     """A ``ray.train.Checkpoint`` for a user-given URI (local or s3://)."""
-    import ray.train
-
-    from mama_ray import storage
+    import ray.train  # why: LocalContext (tests, benchmarks) runs without Ray Train
 
     if fs is None:
         fs, path = storage.filesystem(uri)

@@ -3,7 +3,7 @@
 Our ``deepspeed`` section names the choices a user makes (ZeRO stage, precision, offload); batch
 sizes, accumulation and clipping come from ``train``/``optim`` so they are set once. The optimizer
 and the learning-rate schedule are not DeepSpeed's: the loop passes a ``torch.optim.AdamW`` (no CPU
-Adam op to compile) and sets the learning rate itself every step (:mod:`mama_ray.train.schedule`).
+Adam op to compile) and sets the learning rate itself every step (:mod:`mama_ray.schedule`).
 """
 
 from __future__ import annotations

@@ -20,13 +20,11 @@ import contextlib
 
 import torch
 
+from mama_ray.errors import FatalTrainingError
+
 # Errors of the machinery around the step, not of the step itself: a restart may well fix them.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError,
                                                       torch.distributed.DistError)
-
-
-class FatalTrainingError(RuntimeError):
-    """A training error that a restart from the latest checkpoint would repeat."""
 
 
 def as_fatal_first_step_error(exc: BaseException, step: int) -> FatalTrainingError | None:
@@ -68,10 +66,13 @@ def fatal_error_of(exc: BaseException) -> FatalTrainingError | None:
 
 
 def _policy_class():
+    # why: Ray Train (its private v2 API here) loads only where a trainer or policy is built; workers import this module
     from ray.train.v2._internal.execution.failure_handling import (
         DefaultFailurePolicy,
         FailureDecision,
     )
+
+    # why: Ray Train (its private v2 API here) loads only where a trainer or policy is built; workers import this module
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     class StopOnFatalPolicy(DefaultFailurePolicy):
@@ -89,6 +90,7 @@ def _policy_class():
 @contextlib.contextmanager
 def stop_on_fatal_errors():
     """While active, trainers started in this process use :class:`StopOnFatalPolicy`."""
+    # why: Ray Train (its private v2 API here) loads only where a trainer or policy is built; workers import this module
     import ray.train.v2.api.data_parallel_trainer as dpt
 
     original = dpt.create_failure_policy
@@ -102,6 +104,7 @@ def stop_on_fatal_errors():
 
 def mama_torch_trainer_class():
     """``TorchTrainer`` whose ``fit`` stops on :class:`FatalTrainingError` instead of restarting."""
+    # why: Ray Train (its private v2 API here) loads only where a trainer or policy is built; workers import this module
     from ray.train.torch import TorchTrainer
 
     class MamaTorchTrainer(TorchTrainer):

@@ -1,26 +1,32 @@
-"""Building and running the Ray Train ``TorchTrainer`` for a pretraining run.
+"""Building the Ray Train ``TorchTrainer`` of a pretraining run.
 
 :func:`build_trainer` is the one place that turns a config into a trainer (jobs/pretrain.py and
-each Ray Tune trial use it); :func:`train_func` is what every worker runs; :func:`run_pretrain`
-is the driver side of ``jobs/pretrain.py``: default data, resume-or-complete, fit, zero-shot
-evaluation and the summary.
+each Ray Tune trial use it); :func:`train_func` is what every worker runs. Running it from the
+driver (default data, resume-or-complete, fit, zero-shot evaluation, the summary) is
+:mod:`mama_ray.driver`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
+
+import ray.data
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
 from mama_ray import config as config_mod
 from mama_ray import storage
 from mama_ray.config import Config
-from mama_ray.train.best import best_uri, read_best
-from mama_ray.train.checkpoint import latest_checkpoint, read_train_state
-from mama_ray.train.metrics import METRICS_FILE
+from mama_ray.data.pipeline import shard_paths
+from mama_ray.data.stream import TrainStream
+from mama_ray.data.validation import ValSet
+from mama_ray.runtime import setup_logging
+from mama_ray.train.context import RayTrainContext
+from mama_ray.train.failure import mama_torch_trainer_class
+from mama_ray.train.loop import train_loop
 
 DataFactory = Callable[[Config, int, int], Any]  # (cfg, rank, world_size) -> BatchSource
 # Train V2's controller polls the workers (health + one queued report each) at this interval; it
@@ -41,10 +47,6 @@ class PipelineSource:
 
     def __init__(self, cfg: Config, rank: int, world_size: int, local_ranks: int | None = None):
         """``local_ranks``: ranks on this node, which share its object store (default: Ray Train's count)."""
-        import ray.train
-
-        from mama_ray.data.stream import TrainStream
-
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         local = ray.train.get_context().get_local_world_size() if local_ranks is None else local_ranks
         self.stream = TrainStream(cfg, rank, world_size, local_ranks=local)
@@ -73,11 +75,6 @@ def train_func(config: dict[str, Any]) -> None:
             is the pipeline's, else no validation) and ``build_model``.
     """
     cfg = config_mod.from_dict(config["cfg"])
-    import ray.data
-    import torch
-
-    from mama_ray.runtime import setup_logging
-
     setup_logging()  # the driver's --log-level, passed on in MAMA_LOG_LEVEL
 
     # Ray sets OMP_NUM_THREADS to the reserved CPUs only when the driver's environment has none;
@@ -87,8 +84,6 @@ def train_func(config: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the one to read
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
-    from mama_ray.train.context import RayTrainContext
-    from mama_ray.train.loop import train_loop
 
     ctx = RayTrainContext(config.get("resume_from", ""), storage.StorageOptions.from_config(cfg.storage))
     data = (config.get("data_factory") or PipelineSource)(cfg, ctx.rank, ctx.world_size)
@@ -105,13 +100,11 @@ def _val_source(cfg: Config, config: dict[str, Any], rank: int, world_size: int)
         return None
     factory = config.get("val_factory")
     if factory is None and config.get("data_factory") is None:
-        from mama_ray.data.validation import ValSet as factory
+        factory = ValSet
     return factory(cfg, rank, world_size) if factory is not None else None
 
 
 def _scaling(cfg: Config):
-    from ray.train import ScalingConfig
-
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {}), **s.resources_per_worker}
     return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
@@ -130,7 +123,6 @@ def check_data(cfg: Config) -> None:
     """A ``data.shards`` location that holds no shards fails here, before Ray starts (exit 2)."""
     if not cfg.data.shards:
         return  # the default synthetic set is made on demand
-    from mama_ray.data.pipeline import shard_paths
 
     try:
         shard_paths(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
@@ -156,10 +148,6 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
     Returns:
         A ``ray.train.torch.TorchTrainer``; ``.fit()`` (in this process) runs it.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    from mama_ray.train.failure import mama_torch_trainer_class
-
     check_supported(cfg)
     # A worker holds one report until the next poll, so Ray's 2 s default throttles every run that
     # reports more often than that (docs/benchmarks.md, "Training overhead").
@@ -178,116 +166,3 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
     trainer_class = mama_torch_trainer_class()  # a TorchTrainer that does not restart on fatal errors
     return trainer_class(train_func, train_loop_config=loop_config, scaling_config=_scaling(cfg),
                          run_config=run_config)
-
-
-# ------------------------------------------------------------------------------------------
-# Driver side of jobs/pretrain.py
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    run_dir: str
-    checkpoint: str
-    step: int
-    already_complete: bool = False
-    first: dict = field(default_factory=dict)  # first logged metrics
-    last: dict = field(default_factory=dict)  # last logged metrics
-    seconds: float = 0.0
-    eval_metrics: dict = field(default_factory=dict)
-    eval_table: str = ""
-    best: str = ""  # the best checkpoint's folder ("" = none: no validation)
-    best_record: dict = field(default_factory=dict)  # its best.json: metric, mode, value, step
-
-    def lines(self) -> list[str]:
-        state = "already complete (nothing trained)" if self.already_complete else f"trained in {self.seconds:.0f} s"
-        out = [f"run: {state}, step {self.step}"]
-        if self.first and self.last:  # the total jumps when the late terms join; CLIP alone is comparable
-            out += [f"loss: first logged {self.first['loss']:.4f} (step {self.first['step']:.0f}) → "
-                    f"last {self.last['loss']:.4f} (step {self.last['step']:.0f})",
-                    f"clip loss: first logged {self.first['clip_loss']:.4f} → last {self.last['clip_loss']:.4f}"]
-        if "val_loss" in self.last:
-            out.append(f"validation (step {self.last['step']:.0f}): val_loss {self.last['val_loss']:.4f}, "
-                       f"val_clip_loss {self.last['val_clip_loss']:.4f}, image→text R@1 {self.last['val_i2t_r1']:.3f}")
-        for task, m in self.eval_metrics.items():
-            if isinstance(m, dict) and "balanced_accuracy" in m:
-                out.append(f"zero-shot {task}: balanced accuracy {m['balanced_accuracy']:.3f}")
-        if self.best:
-            b = self.best_record
-            out.append(f"best: {self.best} ({b['metric']} {b['value']:.4f} at step {b['step']}, {b['mode']})")
-        # Last line: the latest checkpoint (what a resume uses; scripts read it from here).
-        return [*out, f"run_dir: {self.run_dir}", f"checkpoint: {self.checkpoint}"]
-
-
-def read_metrics(run: str, opts: storage.StorageOptions | None = None) -> list[dict]:
-    """The run's logged metrics (``metrics.jsonl``), one dict per step; a re-logged step keeps its last value."""
-    uri = storage.join(run, METRICS_FILE)
-    if not storage.exists(uri, opts):
-        return []
-    by_step: dict[int, dict] = {}
-    for line in storage.read_bytes(uri, opts).decode().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            by_step[int(rec["step"])] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def with_default_data(cfg: Config) -> Config:
-    """``data.shards`` empty → the default synthetic set (generated and ingested once)."""
-    if cfg.data.shards:
-        return cfg
-    from mama_ray.data.synthetic import ensure_default_shards
-
-    return config_mod.override(cfg, {"data.shards": ensure_default_shards(cfg)})
-
-
-def run_pretrain(cfg: Config, resume_from: str = "") -> Summary:
-    """Train (or find complete) the run ``cfg`` names, evaluate zero-shot if asked, and summarise.
-
-    A run whose latest checkpoint already reached ``train.max_steps`` is not trained again: the
-    summary says so and points at that checkpoint (raise ``train.max_steps`` to continue it).
-    Needs Ray to be initialised.
-    """
-    cfg = with_default_data(cfg)
-    opts = storage.StorageOptions.from_config(cfg.storage)
-    run = run_uri(cfg)
-    latest = latest_checkpoint(run, opts)
-    started = time.perf_counter()
-    done = latest is not None and _step_of(latest, opts) >= cfg.train.max_steps
-    if not done:
-        result = fit_or_explain(build_trainer(cfg, resume_from=resume_from))
-        if result.error:
-            raise result.error
-        latest = latest_checkpoint(run, opts)
-    if latest is None:
-        raise RuntimeError(f"run {run} finished without a checkpoint")
-    logged = read_metrics(run, opts)
-    record = read_best(run, opts)
-    summary = Summary(run_dir=run, checkpoint=latest, step=_step_of(latest, opts), already_complete=done,
-                      seconds=time.perf_counter() - started, first=logged[0] if logged else {},
-                      last=logged[-1] if logged else {}, best=best_uri(run) if record else "",
-                      best_record=record or {})
-    if cfg.train.eval_at_end:
-        from mama_ray.eval.runner import run_zero_shot
-
-        summary.eval_metrics, summary.eval_table = run_zero_shot(cfg, latest, storage.join(run, "eval"))
-    return summary
-
-
-def fit_or_explain(trainer):
-    """``trainer.fit()``; a worker's :class:`FatalTrainingError` comes back as that one error."""
-    from mama_ray.train.failure import fatal_error_of
-
-    try:
-        return trainer.fit()
-    except Exception as e:
-        fatal = fatal_error_of(e)
-        if fatal is None:
-            raise
-        raise fatal from None
-
-
-def _step_of(checkpoint_uri: str, opts: storage.StorageOptions) -> int:
-    if storage.is_s3(checkpoint_uri):
-        return int(json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json"), opts))["step"])
-    return read_train_state(checkpoint_uri).step

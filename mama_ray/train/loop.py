@@ -26,8 +26,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from mama_ray import monitoring
+from mama_ray import layout, monitoring
 from mama_ray.config import Config
+from mama_ray.data.tokenizer import load_tokenizer
+from mama_ray.losses import MamaObjective
+from mama_ray.models import build_model as default_build
 from mama_ray.models.flops import peak_tflops
 from mama_ray.train import checkpoint as ckpt_mod
 from mama_ray.train.context import TrainContext
@@ -76,7 +79,7 @@ class TwoViews(torch.nn.Module):
 class EpochCursor:
     """Walks a rank's batches across epochs, counting the samples consumed for exact resume."""
 
-    def __init__(self, data: BatchSource, state: ckpt_mod.TrainState):
+    def __init__(self, data: BatchSource, state: layout.TrainState):
         self.data, self.state = data, state
         self._it: Iterator[Batch] | None = None
 
@@ -111,6 +114,7 @@ def seed_everything(seed: int) -> None:
 
 def make_engine(model: torch.nn.Module, cfg: Config, ctx: TrainContext):
     """``deepspeed.initialize`` on the two-view wrapper with our AdamW and DeepSpeed config."""
+    # why: deepspeed reads DS_ACCELERATOR on first import and must not load on the driver (docs/pitfalls.md)
     import deepspeed
 
     optimizer = build_optimizer(model, cfg)
@@ -149,7 +153,7 @@ class Reporter:
         # MFU needs the device's peak: known GPUs only (mama_ray/models/flops.py PEAK_BF16_TFLOPS)
         self.peak = peak_tflops(torch.cuda.get_device_name(ctx.device)) if ctx.on_gpu else None
 
-    def metrics(self, meter: StepMeter, state: ckpt_mod.TrainState, out1: dict) -> dict[str, float]:
+    def metrics(self, meter: StepMeter, state: layout.TrainState, out1: dict) -> dict[str, float]:
         m = meter.summary(self.ctx.world_size)
         step_idx = state.step - 1  # the step whose update just happened
         m.update(step=state.step, epoch=state.epoch, lr=group_lr("main", self.cfg, step_idx),
@@ -160,7 +164,7 @@ class Reporter:
             m.update(utilisation(self.cfg, step_idx, m["samples_per_s"], self.ctx.world_size, self.peak))
         return m
 
-    def publish(self, m: dict[str, float], state: ckpt_mod.TrainState, checkpoint_dir: str | None) -> None:
+    def publish(self, m: dict[str, float], state: layout.TrainState, checkpoint_dir: str | None) -> None:
         if self.events is not None:
             self.events.scalars(m, state.step)
             if checkpoint_dir:
@@ -168,7 +172,7 @@ class Reporter:
             print_progress(progress_line(state.step, self.cfg.train.max_steps, m, self.started, self.start_step))
         monitoring.publish_train(self.cfg.run.name, self.ctx.rank, self.ctx.world_size, m, eta_seconds(
             state.step, self.cfg.train.max_steps, self.started, self.start_step))  # Prometheus, for the dashboard
-        name = ckpt_mod.checkpoint_name(state.step) if checkpoint_dir else None
+        name = layout.checkpoint_name(state.step) if checkpoint_dir else None
         self.ctx.report(m, checkpoint_dir, name)
 
     def close(self) -> None:
@@ -176,7 +180,7 @@ class Reporter:
             self.events.close()
 
 
-def _gather_data_states(state: ckpt_mod.TrainState, world_size: int) -> list[dict[str, int]]:
+def _gather_data_states(state: layout.TrainState, world_size: int) -> list[dict[str, int]]:
     mine = {"epoch": state.epoch, "samples_in_epoch": state.samples_in_epoch}
     if world_size == 1:
         return [mine]
@@ -228,8 +232,6 @@ class Attempt:
 
 
 def _train(cfg, ctx, data, run_uri, build_model, tokenizer, attempt: Attempt, val=None) -> dict[str, float]:
-    from mama_ray.losses import MamaObjective
-
     engine, model, tokenizer, state = _start(cfg, ctx, build_model, tokenizer)
     attempt.first_step = state.step
     stop = stop_step(cfg)
@@ -257,9 +259,6 @@ def _train(cfg, ctx, data, run_uri, build_model, tokenizer, attempt: Attempt, va
 
 def _start(cfg: Config, ctx: TrainContext, build_model: Callable | None, tokenizer):
     """Model, engine and the train state (restored from the context's checkpoint, if any)."""
-    from mama_ray.models import build_model as default_build
-    from mama_ray.models.tokenizer import load_tokenizer
-
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     model = (build_model or default_build)(cfg, tokenizer).to(ctx.device)
@@ -268,12 +267,12 @@ def _start(cfg: Config, ctx: TrainContext, build_model: Callable | None, tokeniz
         if folder:
             state = ckpt_mod.restore(folder, engine=engine, rank=ctx.rank, world_size=ctx.world_size)
         else:
-            state = ckpt_mod.TrainState(world_size=ctx.world_size)
+            state = layout.TrainState(world_size=ctx.world_size)
             seed_everything(cfg.run.seed + 1 + ctx.rank)  # per-rank dropout streams
     return engine, model, tokenizer, state
 
 
-def check_finite(meter: StepMeter, state: ckpt_mod.TrainState, world_size: int) -> None:
+def check_finite(meter: StepMeter, state: layout.TrainState, world_size: int) -> None:
     """Fail the run (on every rank alike) if a loss term was NaN/inf on any rank since the last report.
 
     Runs before anything is reported or checkpointed, so the latest checkpoint stays finite.

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from mama_ray import storage
+from mama_ray.layout import METRICS_FILE
+from mama_ray.models.flops import mfu, pair_flops
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -31,8 +33,6 @@ def peak_memory_mb(device: torch.device) -> float:
 def utilisation(cfg, step: int, samples_per_s: float, world_size: int, peak_tflops: float) -> dict[str, float]:
     """``tflop_per_pair`` (the FLOP model of ``mama_ray.models.flops``, the phase of ``step``) and
     ``mfu`` per device, from the run's global ``samples_per_s`` and the device's bf16 peak."""
-    from mama_ray.models.flops import mfu, pair_flops
-
     per_pair = pair_flops(cfg, late=step >= cfg.loss.late_loss_step, world_size=world_size).total.model
     return {"tflop_per_pair": per_pair / 1e12, "mfu": mfu(samples_per_s / world_size, per_pair, peak_tflops)}
 
@@ -102,7 +102,6 @@ class StepMeter:
         return {k: int(v) for k, v in zip(keys, t.tolist(), strict=True) if v < NO_STEP}
 
 
-METRICS_FILE = "metrics.jsonl"  # one JSON object per report, in the run folder
 
 
 class EventWriter:
@@ -114,6 +113,7 @@ class EventWriter:
     """
 
     def __init__(self, run_uri: str):
+        # why: tensorboard is slow to import and only the rank that writes events needs it
         from torch.utils.tensorboard import SummaryWriter
 
         self.remote = run_uri if storage.is_s3(run_uri) else ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from mama_ray.config import Config
-from mama_ray.train.schedule import lr_for
+from mama_ray.schedule import lr_for
 
 
 def late_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

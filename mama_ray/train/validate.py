@@ -35,7 +35,10 @@ import numpy as np
 import torch
 
 from mama_ray.config import Config
+from mama_ray.eval_metrics import classification_metrics
 from mama_ray.losses.objective import TERMS, MamaObjective
+from mama_ray.models.zero_shot import score_fields
+from mama_ray.train.best import BestKeeper
 from mama_ray.train.context import TrainContext
 from mama_ray.train.metrics import rank_mean
 
@@ -81,7 +84,7 @@ def retrieval_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, offset: i
                       gallery_text: torch.Tensor) -> dict[str, float]:
     """This rank's recall@K both ways: its n queries (rows ``offset…`` of the gallery) against all N.
 
-    Same rule as :func:`mama_ray.eval.metrics.match_ranks`: rank = items scored strictly higher
+    Same rule as :func:`mama_ray.eval_metrics.match_ranks`: rank = items scored strictly higher
     than the partner (ties favour the match).
     """
     out: dict[str, float] = {}
@@ -105,8 +108,6 @@ class Validation:
     """
 
     def __init__(self, cfg: Config, ctx: TrainContext, source: ValSource, tokenizer, run_uri: str = ""):
-        from mama_ray.train.best import BestKeeper
-
         self.cfg, self.ctx, self.source, self.tokenizer = cfg, ctx, source, tokenizer
         self.objective, self.terms = MamaObjective(cfg.loss), unweighted(cfg.loss)
         self.best = BestKeeper(cfg, ctx.rank, run_uri) if run_uri else None
@@ -183,9 +184,7 @@ class Validation:
 
     def _scores(self, model, batch: dict, image_emb: torch.Tensor) -> dict[str, np.ndarray]:
         """Zero-shot scores of one batch; ZeRO-3 partitions are gathered for the prompt encoding."""
-        import deepspeed
-
-        from mama_ray.eval.zero_shot import score_fields
+        import deepspeed  # why: after train_func set DS_ACCELERATOR (deepspeed reads it on first import)
 
         fields = [self.source.fields[int(i)] for i in batch["index"]]
         e = self.cfg.eval
@@ -194,8 +193,6 @@ class Validation:
         return {**out, "density": np.asarray(batch["density"]), "birads": np.asarray(batch["birads"])}
 
     def _zero_shot(self, scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict[str, float]:
-        from mama_ray.eval.metrics import classification_metrics
-
         mine = {"scores": scores, "labels": labels}
         every: list[Any] = [mine]
         if self.ctx.world_size > 1:

@@ -112,7 +112,7 @@ def test_each_meta_field_is_masked_in_about_80_percent_of_captions(epoch0):
 def test_tokens_match_the_caption(epoch0):
     cfg, rows = epoch0
     for r in rows[:10]:
-        want = pipeline.tokenize(cfg, [captions.to_model_text(r["caption"])])
+        want = pipeline.caption_tokens(cfg, [captions.to_model_text(r["caption"])])
         assert np.array_equal(r["input_ids"], want["input_ids"][0])
         assert np.array_equal(r["attention_mask"], want["attention_mask"][0])
         n_sep = r["caption"].count(".") + r["caption"].count(";")
@@ -249,7 +249,7 @@ def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, trut
         img = next(x for x in study["images"] if x["image_id"] == r["image_id"])
         fields = pipeline.caption_fields(study, img)
         assert pipeline.eval_caption_fields(r) == fields
-        tokens = pipeline.tokenize(cfg, [captions.to_model_text(captions.caption_text(fields))])
+        tokens = pipeline.caption_tokens(cfg, [captions.to_model_text(captions.caption_text(fields))])
         assert np.array_equal(r["input_ids"], tokens["input_ids"][0])  # nothing masked
         gray = transforms.eval_transform(decode_image(img["image"], "png"), SIZE)
         assert np.array_equal(r["image"], transforms.to_rgb_chw(gray))

@@ -34,8 +34,8 @@ def write_checkpoint(folder: Path, model, cfg) -> str:
     """Write ``model`` as a (rank-0, consolidated) training checkpoint; returns its URI."""
     from safetensors.torch import save_file
 
-    from mama_ray.models.tokenizer import save_tokenizer
-    from mama_ray.train.checkpoint import TrainState
+    from mama_ray.data.tokenizer import save_tokenizer
+    from mama_ray.layout import TrainState
 
     (folder / "model").mkdir(parents=True)
     state = {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, pipeline
 
 from mama_ray.data import captions, transforms
-from mama_ray.eval.export import export_checkpoint, load_heads
-from mama_ray.models.tokenizer import encode_texts
-from mama_ray.train.checkpoint import load_model_from_checkpoint
+from mama_ray.data.tokenizer import token_arrays
+from mama_ray.export import export_checkpoint, load_heads
+from mama_ray.layout import load_model_from_checkpoint
 
 FIELDS = captions.CaptionFields("MG Screening Bilateral", "screening", 55, "White", None, "L", "CC", 2, "N")
 
@@ -114,7 +114,7 @@ def test_lora_adapter_reloads_with_peft_and_auto_peft_model(exported):
     assert adapter["base_model_name_or_path"] == str(out / "text")
     hf_tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     assert len(hf_tok) == len(tok)
-    enc = encode_texts(hf_tok, [captions.to_model_text(captions.caption_text(FIELDS))], cfg.text.max_len)
+    enc = token_arrays(hf_tok, [captions.to_model_text(captions.caption_text(FIELDS))], cfg.text.max_len)
     ids, mask = torch.as_tensor(enc["input_ids"]), torch.as_tensor(enc["attention_mask"])
     with torch.no_grad():
         want = model.text(ids, mask)
@@ -131,7 +131,7 @@ def test_lora_adapter_reloads_with_peft_and_auto_peft_model(exported):
 def test_card_text_and_heads_code_give_the_model_outputs(exported):
     out, _, model, tok, cfg = exported
     caption = captions.caption_text(FIELDS)
-    enc = encode_texts(tok, [captions.to_model_text(caption)], cfg.text.max_len)
+    enc = token_arrays(tok, [captions.to_model_text(caption)], cfg.text.max_len)
     gray = mammogram()
     rgb = torch.from_numpy(transforms.to_rgb_chw(transforms.eval_transform(gray, cfg.data.image_size)))[None]
     with torch.no_grad():

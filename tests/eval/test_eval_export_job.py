@@ -21,8 +21,8 @@ def test_log_level_warning_silences_our_info_lines(tiny_checkpoint, tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
         result = run.stdout.splitlines()[-1]  # (DeepSpeed's own handler may print above it)
         assert result.startswith("exported ") and "README.md" in result
-    assert "INFO mama_ray.eval.export: loaded " in info.stderr
-    assert "INFO mama_ray.eval.export: writing the export to" in info.stderr
+    assert "INFO mama_ray.export.hf: loaded " in info.stderr
+    assert "INFO mama_ray.export.hf: writing the export to" in info.stderr
     assert " INFO " not in quiet.stderr and "mama_ray" not in quiet.stderr
     # third-party loggers stay at warning even at info
     assert not [ln for ln in info.stderr.splitlines() if " INFO " in ln and " mama_ray." not in ln]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mama_ray import storage
-from mama_ray.eval.runner import check_tasks, resolve_checkpoint
+from mama_ray.eval.runner import check_tasks
+from mama_ray.layout import resolve_checkpoint
 from mama_ray.storage import s3_client
 
 ROOT = Path(__file__).parents[2]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mama_ray.eval import metrics as M
+from mama_ray import eval_metrics as M
 
 
 def test_accuracy_and_balanced_accuracy_by_hand():

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from mama_ray import storage
 from mama_ray.data import captions
 from mama_ray.data.pipeline import eval_batch, eval_caption_fields
+from mama_ray.data.tokenizer import token_arrays
 from mama_ray.eval import run_zero_shot
-from mama_ray.models.tokenizer import encode_texts
+from mama_ray.layout import load_model_from_checkpoint
 from mama_ray.storage import s3_client
-from mama_ray.train.checkpoint import load_model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _direct_scores(model, tok, row, max_len) -> dict[str, np.ndarray]:
     fields = eval_caption_fields(row)
     out = {}
     for task, make in (("density", captions.density_prompts), ("birads", captions.birads_prompts)):
-        enc = encode_texts(tok, [captions.to_model_text(p) for p in make(fields)], max_len)
+        enc = token_arrays(tok, [captions.to_model_text(p) for p in make(fields)], max_len)
         hidden = model.text.lm(input_ids=torch.as_tensor(enc["input_ids"]),
                                attention_mask=torch.as_tensor(enc["attention_mask"])).last_hidden_state
         first_pad = [int(np.flatnonzero(m == 0)[0]) for m in enc["attention_mask"]]

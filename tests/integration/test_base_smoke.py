@@ -15,10 +15,10 @@ import torch
 from transformers import Dinov2WithRegistersModel, GPT2Config, GPT2Model
 
 from mama_ray import config
+from mama_ray.layout import load_model_from_checkpoint, read_metrics
 from mama_ray.models.vision import vit_config
-from mama_ray.train.checkpoint import load_model_from_checkpoint
 from mama_ray.train.context import LocalContext
-from mama_ray.train.launch import PipelineSource, build_trainer, read_metrics, run_uri
+from mama_ray.train.launch import PipelineSource, build_trainer, run_uri
 from mama_ray.train.loop import train_loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
     sys.modules["train_kit"] = kit
     spec.loader.exec_module(kit)
     cloudpickle.register_pickle_by_value(kit)
-    from mama_ray.train.checkpoint import latest_checkpoint
+    from mama_ray.layout import latest_checkpoint
     from mama_ray.train.launch import build_trainer, run_uri
 
     def data(cfg, rank, world):

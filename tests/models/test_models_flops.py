@@ -17,8 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from mama_ray import config
 from mama_ray.config import TextTowerConfig, VisionTowerConfig
 from mama_ray.data import captions
+from mama_ray.data.tokenizer import token_arrays
 from mama_ray.losses import MamaObjective
-from mama_ray.models import build_model, encode_texts
+from mama_ray.models import build_model
 from mama_ray.models.flops import (
     attention,
     block_forward,
@@ -139,7 +140,7 @@ def _batch(cfg, model) -> dict[str, torch.Tensor]:
     img = torch.randint(0, 255, (b, 1, s, s), dtype=torch.uint8, generator=g)
     texts = [f"{captions.BOS}Breast composition: dense{captions.SEP} Findings: no mass{captions.SEP}"
              f"{' Impressions: benign' + captions.SEP if i % 2 else ''}{captions.EOS}" for i in range(b)]
-    enc = {k: torch.from_numpy(v) for k, v in encode_texts(model.tokenizer, texts, cfg.text.max_len).items()}
+    enc = {k: torch.from_numpy(v) for k, v in token_arrays(model.tokenizer, texts, cfg.text.max_len).items()}
     return {"image1": img, "image2": img.flip(-1), **enc}
 
 

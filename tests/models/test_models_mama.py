@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from mama_ray import config
 from mama_ray.data import captions
+from mama_ray.data.tokenizer import build_tiny_tokenizer, token_arrays
 from mama_ray.losses import MamaObjective
-from mama_ray.models import MamaModel, build_model, build_tiny_tokenizer, encode_texts
+from mama_ray.models import MamaModel, build_model
 from mama_ray.models.text import gather_sentences, pool_text
 
 FIELDS = captions.CaptionFields("MG Diagnostic Left", "diagnostic", 61, "White", None, "L", "MLO", 4,
@@ -40,7 +41,7 @@ def make_model(cfg, tok, seed: int = 0, **overrides) -> MamaModel:
 
 def batch(tok, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    enc = {k: torch.from_numpy(v) for k, v in encode_texts(tok, TEXTS, 144).items()}
+    enc = {k: torch.from_numpy(v) for k, v in token_arrays(tok, TEXTS, 144).items()}
     images = [torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=g) for _ in range(2)]
     return images[0], images[1], enc
 

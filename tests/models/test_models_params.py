@@ -8,7 +8,8 @@ import json
 import pytest
 
 from mama_ray import config
-from mama_ray.models import BIOMEDLM_VOCAB, build_model, build_tiny_tokenizer, count_parameters
+from mama_ray.data.tokenizer import build_tiny_tokenizer
+from mama_ray.models import BIOMEDLM_VOCAB, build_model, count_parameters
 
 D = 2560  # BioMedLM width
 

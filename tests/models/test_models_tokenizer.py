@@ -11,12 +11,12 @@ from transformers import PreTrainedTokenizerFast
 
 from mama_ray import config
 from mama_ray.data import captions
-from mama_ray.models.tokenizer import (
+from mama_ray.data.tokenizer import (
     build_tiny_tokenizer,
-    encode_texts,
     load_tokenizer,
     load_tokenizer_folder,
     save_tokenizer,
+    token_arrays,
 )
 
 FIELDS = captions.CaptionFields("MG Diagnostic Left", "diagnostic", 61, "African American  or Black",
@@ -49,7 +49,7 @@ def test_caption_vocabulary_is_covered_and_unknown_words_map_to_unk(tok):
 def test_encode_pads_truncates_and_marks_separators(tok):
     short = f"{captions.BOS}The breast is dense{captions.SEP} Negative{captions.SEP}{captions.EOS}"
     long = captions.to_model_text(captions.caption_text(FIELDS))
-    enc = encode_texts(tok, [short, long], max_len=12)
+    enc = token_arrays(tok, [short, long], max_len=12)
     assert enc["input_ids"].shape == (2, 12) and enc["input_ids"].dtype == np.int64
     # short: BOS the breast is dense SEP negative SEP EOS → 9 tokens, then 3 PADs
     assert enc["input_ids"][0].tolist()[-3:] == [2, 2, 2]
@@ -58,26 +58,26 @@ def test_encode_pads_truncates_and_marks_separators(tok):
     # long: truncated at 12, no padding; first separator after "procedure reported : mg diagnostic left"
     assert enc["attention_mask"][1].tolist() == [1] * 12
     assert np.flatnonzero(enc["sep_mask"][1]).tolist() == [7]
-    full = encode_texts(tok, [long], max_len=144)
+    full = token_arrays(tok, [long], max_len=144)
     assert int(full["sep_mask"].sum()) == long.count(captions.SEP) == 11
 
 
 def test_pickle_round_trip_encodes_identically(tok):
     text = captions.to_model_text(captions.caption_text(FIELDS))
     again = pickle.loads(pickle.dumps(tok))
-    a, b = encode_texts(tok, [text], 144), encode_texts(again, [text], 144)
+    a, b = token_arrays(tok, [text], 144), token_arrays(again, [text], 144)
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_save_load_through_folder_and_s3(tok, tmp_path, s3_bucket):
     text = captions.to_model_text(captions.caption_text(FIELDS))
-    want = encode_texts(tok, [text], 144)
+    want = token_arrays(tok, [text], 144)
     _, bucket = s3_bucket
     for uri in (str(tmp_path / "tok"), f"s3://{bucket}/ckpt/tokenizer"):
         save_tokenizer(tok, uri)
         cfg = config.override(config.from_dict({}), {"text.tokenizer": uri,
                                                      "storage.cache_dir": str(tmp_path / "cache")})
-        got = encode_texts(load_tokenizer(cfg), [text], 144)
+        got = token_arrays(load_tokenizer(cfg), [text], 144)
         assert all(np.array_equal(want[k], got[k]) for k in want), uri
 
 
@@ -87,7 +87,7 @@ def test_loading_a_foreign_tokenizer_adds_the_special_tokens(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]").save_pretrained(tmp_path)
     tok = load_tokenizer_folder(tmp_path)
     assert len(tok) == 3 + 6
-    enc = encode_texts(tok, [f"{captions.BOS}the breast{captions.SEP}{captions.EOS}"], 6)
+    enc = token_arrays(tok, [f"{captions.BOS}the breast{captions.SEP}{captions.EOS}"], 6)
     sep = tok.convert_tokens_to_ids(captions.SEP)
     assert enc["input_ids"][0].tolist() == [tok.bos_token_id, 1, 2, sep, tok.eos_token_id, tok.pad_token_id]
     with pytest.raises(ValueError, match="does not exist"):

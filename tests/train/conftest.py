@@ -43,7 +43,7 @@ class SyntheticSource:
     """Deterministic batches of the tiny test samples (see the module docstring for the layout)."""
 
     def __init__(self, cfg, rank: int, world_size: int, samples_per_rank: int = 10_000):
-        from mama_ray.models.tokenizer import load_tokenizer
+        from mama_ray.data.tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg)
         self.vocab, self.sep, self.pad = len(tok), tok.convert_tokens_to_ids("<|separatetext|>"), tok.pad_token_id

@@ -13,7 +13,8 @@ import sys
 import pytest
 from ray import cloudpickle
 
-from mama_ray.train.launch import build_trainer, read_metrics, run_uri
+from mama_ray.layout import read_metrics
+from mama_ray.train.launch import build_trainer, run_uri
 
 pytestmark = pytest.mark.integration
 

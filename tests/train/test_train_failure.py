@@ -11,8 +11,9 @@ import pytest
 import torch
 from ray import cloudpickle
 
+from mama_ray.driver import fit_or_explain
 from mama_ray.train.failure import FatalTrainingError, as_fatal_first_step_error, is_fatal
-from mama_ray.train.launch import build_trainer, fit_or_explain
+from mama_ray.train.launch import build_trainer
 from mama_ray.train.metrics import StepMeter
 
 

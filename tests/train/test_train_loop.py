@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from mama_ray.train.checkpoint import load_model_from_checkpoint
+from mama_ray.layout import load_model_from_checkpoint
+from mama_ray.schedule import lr_for
 from mama_ray.train.loop import seed_everything
 from mama_ray.train.optim import late_parameters
-from mama_ray.train.schedule import lr_for
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 
 from mama_ray import config
 from mama_ray.models import build_model
+from mama_ray.schedule import lr_for
 from mama_ray.train.optim import build_optimizer, late_parameters, param_groups, set_learning_rates
-from mama_ray.train.schedule import lr_for
 
 
 @pytest.fixture(scope="module")

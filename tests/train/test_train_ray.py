@@ -17,8 +17,8 @@ import torch
 from ray import cloudpickle
 
 from mama_ray import storage
-from mama_ray.train.checkpoint import latest_checkpoint
-from mama_ray.train.launch import build_trainer, read_metrics, run_uri
+from mama_ray.layout import latest_checkpoint, read_metrics
+from mama_ray.train.launch import build_trainer, run_uri
 
 pytestmark = pytest.mark.integration
 

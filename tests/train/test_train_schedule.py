@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mama_ray import config
-from mama_ray.train.schedule import lr_at, lr_for
+from mama_ray.schedule import lr_at, lr_for
 
 
 @pytest.mark.parametrize(("step", "expected"), [

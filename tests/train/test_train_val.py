@@ -198,10 +198,10 @@ def test_zero3_validation_matches_the_saved_model(kit, val_shards, tmp_path):
     """Under ZeRO-3 (parameters partitioned, gathered in the engine's hooks) the val CLIP loss and
     the zero-shot accuracies at step 6 are those of the step-6 checkpoint's weights, recomputed here
     without DeepSpeed."""
-    from mama_ray.eval.metrics import classification_metrics
-    from mama_ray.eval.zero_shot import score_fields
+    from mama_ray.eval_metrics import classification_metrics
+    from mama_ray.layout import load_model_from_checkpoint
     from mama_ray.losses import clip_loss
-    from mama_ray.train.checkpoint import load_model_from_checkpoint
+    from mama_ray.models.zero_shot import score_fields
 
     cfg, ctx = _run(kit, val_shards, tmp_path, **{"deepspeed.zero_stage": 3, "eval.val_zero_shot": True})
     r = _val_reports(ctx)[6]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mama_ray import config
-from mama_ray.train.launch import run_pretrain
+from mama_ray.driver import run_pretrain
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).parents[2]

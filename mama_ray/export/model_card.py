@@ -66,7 +66,7 @@ with torch.no_grad():
 text_emb = F.normalize(hidden.mean(dim=1) @ heads["text_proj.weight"].T + heads["text_proj.bias"], dim=-1)
 score = heads["logit_scale"].exp() * image_emb @ text_emb.T               # 1×B'''
 
-HEADS_SNIPPET = '''from mama_ray.eval.export import load_heads   # pip install mama-ray
+HEADS_SNIPPET = '''from mama_ray.export import load_heads   # pip install mama-ray
 
 heads = load_heads("EXPORT")       # ModuleDict: image_proj, text_proj (nn.Linear), local_image_head,
 patch_emb = heads["local_image_head"](patches)   # local_text_head, mv_head, scales  — B×P×E′'''
@@ -190,7 +190,7 @@ def model_card(cfg: Config, checkpoint_uri: str, step: int, metrics: dict | None
         "pool as in training, or the first-pad state for zero-shot, see mama-ray "
         "`docs/evaluation.md`). `text_lora/adapter_config.json` names the absolute path of `text/` "
         "at export time (`../text` for an s3:// export): after moving or downloading the folder, "
-        "set it with `mama_ray.eval.export.link_adapter(\"EXPORT/text_lora\", \"/abs/EXPORT/text\")`.", "",
+        "set it with `mama_ray.export.link_adapter(\"EXPORT/text_lora\", \"/abs/EXPORT/text\")`.", "",
         "```python", TEXT_SNIPPET.format(max_len=cfg.text.max_len), "```", "",
         "Local (SLA) and multi-view heads:", "", "```python", HEADS_SNIPPET, "```", "",
     ]
@@ -211,5 +211,5 @@ def adapter_readme(cfg: Config) -> str:
         'text = AutoPeftModel.from_pretrained("EXPORT/text_lora")  # loads ../text as the base', "```",
         "",
         "`base_model_name_or_path` in `adapter_config.json` is the absolute path of `text/` at export",
-        "time; after moving the export, update it (`mama_ray.eval.export.link_adapter`).", "",
+        "time; after moving the export, update it (`mama_ray.export.link_adapter`).", "",
     ])

@@ -19,7 +19,7 @@ gray → RGB) and the model card documents the crop as a step before it (:data:`
 processor's resize unchanged, so it gives exactly our eval tensors.
 
 The checkpoint's weights are already consolidated from the ZeRO shards by the training loop
-(``model/model.safetensors``); :func:`load_model_from_checkpoint` rebuilds the model from them.
+(``model/model.safetensors``); :func:`mama_ray.layout.load_model_from_checkpoint` rebuilds the model from them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ import logging
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from mama_ray import config, storage
+from mama_ray.data.tokenizer import save_tokenizer
+from mama_ray.export.model_card import adapter_readme, model_card
+from mama_ray.layout import load_model_from_checkpoint
+from mama_ray.models.heads import LocalImageHead, LocalTextHead, MultiViewHead
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +61,6 @@ def load_heads(folder: str | Path):
     local and multi-view heads are mama-ray's own modules) and the two :data:`SCALES` as
     ``nn.ParameterDict`` entries under ``scales``.
     """
-    import torch
-    from safetensors.torch import load_file
-
-    from mama_ray.models.heads import LocalImageHead, LocalTextHead, MultiViewHead
-
     w = load_file(str(Path(folder) / "heads.safetensors"))
 
     def linear(name: str) -> torch.nn.Linear:
@@ -117,9 +119,6 @@ def link_adapter(adapter_dir: str | Path, base: str) -> None:
 def save_text(model, tokenizer, folder: Path, base: str) -> None:
     """``text/`` = the trunk without LoRA; ``text_lora/`` = the adapter (when LoRA is on), with the
     tokenizer beside it (AutoPeftModel looks for one there, else asks the Hub) and a README."""
-    from mama_ray.eval.model_card import adapter_readme
-    from mama_ray.models.tokenizer import save_tokenizer
-
     lm = model.text.lm
     if model.cfg.model.lora.enabled:
         lm.save_pretrained(str(folder / "text_lora"))
@@ -165,12 +164,6 @@ def load_metrics(checkpoint_uri: str, metrics_uri: str | None, opts: storage.Sto
 
 def export_checkpoint(checkpoint_uri: str, out_uri: str, metrics_uri: str | None = None) -> list[str]:
     """Write the Hugging Face export of a checkpoint to ``out_uri``; returns the files written."""
-    from safetensors.torch import save_file
-
-    from mama_ray.eval.model_card import model_card
-    from mama_ray.models.tokenizer import save_tokenizer
-    from mama_ray.train.checkpoint import load_model_from_checkpoint
-
     model, tokenizer, cfg, state = load_model_from_checkpoint(checkpoint_uri)
     log.info("loaded %s (run %s, step %d)", checkpoint_uri, cfg.run.name, state.step)
     opts = storage.StorageOptions.from_config(cfg.storage)

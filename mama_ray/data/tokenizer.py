@@ -9,7 +9,7 @@ caption vocabulary, with no download; checkpoints carry whichever tokenizer was 
 (:func:`save_tokenizer`).
 
 Captions arrive already wrapped by :func:`captions.to_model_text` (BOS … EOS, separators), so
-:func:`encode_texts` adds no special tokens of its own; it only pads/truncates to ``max_len``.
+:func:`token_arrays` adds no special tokens of its own; it only pads/truncates to ``max_len``.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def save_tokenizer(tok: PreTrainedTokenizerBase, uri: str, opts: storage.Storage
         storage.upload_dir(tmp, uri, opts)
 
 
-def encode_texts(tok: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
+def token_arrays(tok: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
     """Tokenise model texts (already BOS … EOS-wrapped) to exactly ``max_len`` tokens each.
 
     Returns:
