@@ -46,6 +46,7 @@ from mama_ray.data.stream import (
     TrainBatches,
     TrainStream,
     build_eval_dataset,
+    build_label_dataset,
     build_train_dataset,
     collate,
     iter_train_batches,
@@ -54,7 +55,7 @@ from mama_ray.data.stream import (
 __all__ = [
     "CAPTION_FIELDS", "EVAL_FIELDS", "READ_COLUMNS", "STRING_KEYS", "TENSOR_KEYS", "BlockStream",
     "FlatIndex", "PlanParams", "RankPlan", "SplitIndex", "TrainBatches", "TrainStream", "Window",
-    "birads_class", "build_eval_dataset", "build_train_dataset", "caption_fields", "collate",
+    "birads_class", "build_eval_dataset", "build_label_dataset", "build_train_dataset", "caption_fields", "collate",
     "density_class", "epoch_plan", "eval_batch", "eval_caption_fields", "iter_train_batches",
     "rank_plan", "samples_per_rank", "shard_paths", "split_index", "caption_tokens", "train_columns",
     "train_sample", "usable_images",

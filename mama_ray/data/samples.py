@@ -15,9 +15,12 @@ import pyarrow as pa
 
 from mama_ray.config import Config
 from mama_ray.data import captions, transforms
+from mama_ray.data.schema import IMAGE_STRUCT
 from mama_ray.data.shards import decode_image
 
 READ_COLUMNS = ["study_id", "split", "procedure", "reason", "age", "race", "ethnicity", "images"]
+# What the labels of the eval rows need: every column but the images' bytes (nested field paths).
+LABEL_COLUMNS = [*READ_COLUMNS[:-1], *(f"images.list.element.{f}" for f in IMAGE_STRUCT.names if f != "image")]
 
 # The caption fields, listed once: CaptionFields' own fields. These come from the study row, the
 # others from the image; eval rows name two of them differently, because their `density` and
@@ -175,3 +178,18 @@ def eval_batch(batch: pa.Table, cfg: Config) -> dict[str, np.ndarray]:
     out["density"] = np.array([r["density"] for r in rows], np.int64)
     out["birads"] = np.array([r["birads"] for r in rows], np.int64)
     return {**out, **caption_tokens(cfg, texts)}
+
+
+def eval_labels(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Study rows (:data:`LABEL_COLUMNS` suffice) → ``image_id``, ``density``, ``birads`` of each
+    usable image, in :func:`eval_batch`'s order and classes; no image is decoded."""
+    ids, density, birads = [], [], []
+    for study in batch.to_pylist():
+        for i in usable_images(study):
+            img = study["images"][i]
+            f = caption_fields(study, img)
+            ids.append("" if img["image_id"] is None else str(img["image_id"]))
+            density.append(density_class(f.density))
+            birads.append(birads_class(f.birads))
+    return {"image_id": np.array(ids, dtype=str), "density": np.array(density, np.int64),
+            "birads": np.array(birads, np.int64)}

@@ -124,12 +124,17 @@ def _work_items(index: SplitIndex, files: list[int], wanted, studies_per_item: i
     return items
 
 
+def _read_item(item: dict, fs: pafs.FileSystem, columns: list[str]) -> pa.Table:
+    """The study rows of one eval read unit: its row groups of one file, then the wanted rows."""
+    with fs.open_input_file(item["path"]) as f:
+        table = pq.ParquetFile(f).read_row_groups(item["row_groups"], columns=columns)
+    return table.take(item["take"])
+
+
 def eval_items(items: pa.Table, cfg: Config, fs: pafs.FileSystem, rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
     """Map function: eval read units → eval rows (see :func:`samples.eval_batch`)."""
     for item in items.to_pylist():
-        with fs.open_input_file(item["path"]) as f:
-            table = pq.ParquetFile(f).read_row_groups(item["row_groups"], columns=samples.READ_COLUMNS)
-        table = table.take(item["take"])
+        table = _read_item(item, fs, samples.READ_COLUMNS)
         for start in range(0, table.num_rows, rows_per_batch):
             yield samples.eval_batch(table.slice(start, rows_per_batch), cfg)
 
@@ -225,6 +230,21 @@ def build_eval_dataset(cfg: Config, split: str):
     rows = cfg.data.map_batch_size
     items = _work_items(index, list(range(len(index.files))), lambda _: True, rows)
     return _item_dataset(cfg, items, eval_items, {"cfg": cfg, "rows_per_batch": rows})
+
+
+def label_items(items: pa.Table, fs: pafs.FileSystem) -> Iterator[dict[str, np.ndarray]]:
+    """Map function: eval read units → image ids and labels (:func:`samples.eval_labels`); the
+    image bytes are neither read nor decoded."""
+    for item in items.to_pylist():
+        yield samples.eval_labels(_read_item(item, fs, samples.LABEL_COLUMNS))
+
+
+def build_label_dataset(cfg: Config, split: str):
+    """``image_id``, ``density``, ``birads`` of every usable image of ``split``, in shard order
+    (the rows and values of :func:`build_eval_dataset` without its images, captions and tokens)."""
+    index = split_index(cfg, split)
+    items = _work_items(index, list(range(len(index.files))), lambda _: True, cfg.data.map_batch_size)
+    return _item_dataset(cfg, items, label_items, {})
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mama_ray.config import Config
-from mama_ray.data.pipeline import build_eval_dataset
+from mama_ray.data.pipeline import build_eval_dataset, build_label_dataset
 from mama_ray.eval.zero_shot import caption_texts, score_batch
 from mama_ray.layout import load_model_from_checkpoint
 from mama_ray.models.zero_shot import text_embeddings
@@ -110,5 +110,5 @@ def infer_split(cfg: Config, checkpoint_uri: str, split: str, outputs: tuple[str
 
 
 def split_labels(cfg: Config, split: str) -> dict[str, np.ndarray]:
-    """``image_id``, ``density``, ``birads`` of every image of ``split`` (no model), sorted."""
-    return collect(build_eval_dataset(cfg, split).select_columns(["image_id", "density", "birads"]))
+    """``image_id``, ``density``, ``birads`` of every image of ``split`` (no model, no image decoded), sorted."""
+    return collect(build_label_dataset(cfg, split))

@@ -65,7 +65,7 @@ def test_map_tasks_run_only_on_nodes_with_the_resource(tmp_path):
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)  # the subprocess starts its own cluster
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT / "tests" / "data" / "conftest.py")],
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(ROOT / "tests" / "conftest.py")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "result.json").read_text())

@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from mama_ray import config, storage
-from mama_ray.data import captions, pipeline, stream, transforms
+from mama_ray.data import captions, pipeline, samples, stream, transforms
 from mama_ray.data.shards import decode_image
 
 SIZE, MBS, MAX_LEN = 32, 4, 144
@@ -253,6 +254,21 @@ def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, trut
         assert np.array_equal(r["input_ids"], tokens["input_ids"][0])  # nothing masked
         gray = transforms.eval_transform(decode_image(img["image"], "png"), SIZE)
         assert np.array_equal(r["image"], transforms.to_rgb_chw(gray))
+
+
+def test_label_dataset_gives_the_eval_rows_labels_without_reading_images(ray_session, shard_set, truth):
+    cfg = make_cfg(str(shard_set[0]))
+    rows = pipeline.build_label_dataset(cfg, "test").take_all()
+    assert sorted(rows[0]) == ["birads", "density", "image_id"]
+    want = {}  # image id → (density class, BI-RADS class), from the fixture's own rows
+    for s in truth["studies"].values():
+        for img in s["images"]:
+            if s["split"] == "test" and img["birads"]:
+                want[img["image_id"]] = (img["density"] - 1, "ANBPSMK".index(img["birads"]))
+    assert {r["image_id"]: (r["density"], r["birads"]) for r in rows} == want
+    # The read itself leaves the images' bytes out.
+    table = pq.ParquetFile(sorted(shard_set[0].glob("*.parquet"))[0]).read(columns=samples.LABEL_COLUMNS)
+    assert "image" not in table.schema.field("images").type.value_type.names
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path, shard_set):

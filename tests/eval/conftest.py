@@ -1,6 +1,6 @@
 """Fixtures of the evaluation tests: tiny shards and a tiny, randomly initialised checkpoint.
 
-The shards come from the data tests' writer (``tests/data/conftest.py``: shard schema (docs/architecture.md), known
+The shards come from the data tests' writer (``write_shards`` in ``tests/conftest.py``: shard schema (docs/architecture.md), known
 contents). The checkpoint folder has the layout the training loop writes on rank 0
 (``config.yaml``, ``model/model.safetensors`` + ``weights.json``, ``tokenizer/``,
 ``train_state.json``), so ``load_model_from_checkpoint`` reads it like a real one.
@@ -8,7 +8,6 @@ contents). The checkpoint folder has the layout the training loop writes on rank
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -17,17 +16,6 @@ import pytest
 import torch
 
 from mama_ray import config
-
-
-def _data_fixtures():
-    path = Path(__file__).parents[1] / "data" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("mama_test_data_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_shards = _data_fixtures().make_shards
 
 
 def write_checkpoint(folder: Path, model, cfg) -> str:
@@ -49,10 +37,10 @@ def write_checkpoint(folder: Path, model, cfg) -> str:
 
 
 @pytest.fixture(scope="module")
-def eval_shards(tmp_path_factory) -> tuple[Path, list[dict]]:
+def eval_shards(tmp_path_factory, write_shards) -> tuple[Path, list[dict]]:
     """``(folder, study rows)``: 80 studies (16 in the test split), 48-px images, fixed seed."""
     root = tmp_path_factory.mktemp("eval_shards")
-    return root, make_shards(root, 80, seed=11)
+    return root, write_shards(root, 80, seed=11)
 
 
 @pytest.fixture(scope="module")

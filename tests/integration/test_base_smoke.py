@@ -6,7 +6,6 @@ base-shaped), so the weight-loading path of ``base`` runs too, including the res
 embeddings to the tokenizer and peft's LoRA over a frozen, checkpointed trunk.
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -24,19 +23,11 @@ from mama_ray.train.loop import train_loop
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _make_shards():
-    path = Path(__file__).parents[1] / "data" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("mama_test_data_fixtures_smoke", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_shards
-
-
 @pytest.fixture(scope="module")
-def smoke_inputs(tmp_path_factory):
+def smoke_inputs(tmp_path_factory, write_shards):
     """``(shards, vision weights, text weights)``: 40 studies, and the two towers in HF format."""
     root = tmp_path_factory.mktemp("smoke")
-    _make_shards()(root / "shards", 40, seed=3, side=72)
+    write_shards(root / "shards", 40, seed=3, side=72)
     cfg = config.load("base_smoke")
     torch.manual_seed(0)
     Dinov2WithRegistersModel(vit_config(cfg.model.vision)).save_pretrained(root / "dinov2")

@@ -1,11 +1,10 @@
 """Validation during training in one process (LocalContext, real DeepSpeed on CPU, real shards for val).
 
 Training batches come from the deterministic test source; the val split is read from shards
-written by the data tests' writer (tests/data/conftest.py) through the real ValSet. 6 steps, late
+written by the data tests' writer (``write_shards``, tests/conftest.py) through the real ValSet. 6 steps, late
 terms from step 3, validation every 2 steps (2, 4, 6).
 """
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,13 +24,10 @@ REPO = Path(__file__).parents[2]
 
 
 @pytest.fixture(scope="module")
-def val_shards(tmp_path_factory) -> str:
+def val_shards(tmp_path_factory, write_shards) -> str:
     """60 synthetic studies (48-px images) as shards; their val split holds 19 images."""
-    spec = importlib.util.spec_from_file_location("mama_test_data_fixtures", REPO / "tests" / "data" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     root = tmp_path_factory.mktemp("val_shards")
-    module.make_shards(root, 60, seed=3)
+    write_shards(root, 60, seed=3)
     return str(root)
 
 

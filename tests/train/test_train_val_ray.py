@@ -20,17 +20,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).parents[2]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> str:
+def shards(tmp_path_factory, write_shards) -> str:
     root = tmp_path_factory.mktemp("val_ray_shards")
-    _load("mama_test_data_fixtures", REPO / "tests" / "data" / "conftest.py").make_shards(root, 60, seed=3)
+    write_shards(root, 60, seed=3)
     return str(root)
 
 
@@ -56,7 +49,10 @@ def test_default_config_validates_and_keeps_the_best(ray_session, shards, tmp_pa
     assert any(line.startswith(f"best: {summary.best} (val_loss") for line in summary.lines())
 
     out = tmp_path / "eval"  # the real entry point, in this process (it attaches to the session's Ray)
-    job = _load("mama_evaluate_job", REPO / "jobs" / "evaluate.py")
+    # The job file itself, as `python jobs/evaluate.py` runs it (mama_ray.jobs maps to an installed tree).
+    spec = importlib.util.spec_from_file_location("mama_evaluate_job", REPO / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--checkpoint", summary.run_dir, "--which", "best",
                                       "--tasks", "retrieval", "--out", str(out)])
     assert job.main() == 0

@@ -1,27 +1,18 @@
 """Fixtures of the sweep tests: small shards, the shipped search spaces, a short-run sweep config.
 
-The shards come from the data tests' writer (``tests/data/conftest.py``: shard schema (docs/architecture.md), known
-contents); ``tune/search_spaces.py`` is loaded by path, as ``tune/sweep.py`` is a script folder,
-not a package.
+The shards come from the data tests' writer (``write_shards`` in ``tests/conftest.py``: shard schema (docs/architecture.md), known
+contents); the search spaces are ``mama_ray.search_spaces``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from mama_ray import config
+from mama_ray import config, search_spaces
 
 REPO = Path(__file__).parents[2]
-
-
-def load_by_path(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def short_run(shards: str, run_dir: str) -> dict:
@@ -40,16 +31,15 @@ def short_overrides():
 
 @pytest.fixture(scope="session")
 def spaces():
-    """The ``tune/search_spaces.py`` module."""
-    return load_by_path("mama_search_spaces", REPO / "tune" / "search_spaces.py")
+    """The ``mama_ray.search_spaces`` module."""
+    return search_spaces
 
 
 @pytest.fixture(scope="session")
-def tune_shards(tmp_path_factory) -> str:
+def tune_shards(tmp_path_factory, write_shards) -> str:
     """24 synthetic studies (48-px images) as shards; returns the folder."""
-    make_shards = load_by_path("mama_test_data_fixtures", REPO / "tests" / "data" / "conftest.py").make_shards
     root = tmp_path_factory.mktemp("tune_shards")
-    make_shards(root, 24, seed=3)
+    write_shards(root, 24, seed=3)
     return str(root)
 
 
