@@ -44,14 +44,14 @@ def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(dist_fn.all_gather(x), dim=0), dist.get_rank()
 
 
-def _local(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _no_gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, 0
 
 
 def resolve_gather(gather: bool | Gather | None) -> Gather:
     if callable(gather):
         return gather
-    return all_gather_with_grad if gather else _local
+    return all_gather_with_grad if gather else _no_gather
 
 
 def ntxent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
