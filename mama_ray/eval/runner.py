@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from mama_ray import storage
-from mama_ray.config import Config
+from mama_ray.config import Config, ConfigError
 from mama_ray.eval import plots
 from mama_ray.eval.metrics import softmax
 from mama_ray.eval.zero_shot import CLASS_NAMES, TASKS
@@ -176,10 +176,11 @@ def attention(cfg: Config, checkpoint_uri: str) -> tuple[dict, dict[str, bytes]]
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
-    """``tasks`` if every one is known; ValueError listing the valid ones otherwise."""
+    """``tasks`` if every one is known; else a ConfigError listing the valid ones (``--tasks`` is an
+    argument of the job, not a config field: the message names the tasks, no field)."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or not tasks:
-        raise ValueError(f"evaluation tasks {unknown or tasks}: choose from {', '.join(ALL_TASKS)}")
+        raise ConfigError(f"evaluation tasks {unknown or tasks}: choose from {', '.join(ALL_TASKS)}")
     return list(tasks)
 
 
