@@ -42,7 +42,7 @@ from mama_ray.config import Config
 from mama_ray.data import captions, transforms
 from mama_ray.data.pipeline import (
     birads_class,
-    caption_fields,
+    caption_fields_from_study,
     density_class,
     shard_paths,
     split_index,
@@ -128,7 +128,7 @@ def _study_samples(cfg: Config, study: dict, owned: list[tuple[int, int]]) -> li
         i2 = second_image(np.random.default_rng([cfg.run.seed, VAL_SALT, q]), usable, i1, cfg.data.second_view_prob)
         sid = study["study_id"]
         images = study["images"]
-        out.append(_Sample(q, (sid, i1), (sid, i2), caption_fields(study, images[i1]),
+        out.append(_Sample(q, (sid, i1), (sid, i2), caption_fields_from_study(study, images[i1]),
                            images[i1]["image_id"], images[i2]["image_id"], sid))
     return out
 
