@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from mama_ray import storage
 from mama_ray.config import Config
@@ -49,7 +48,7 @@ from mama_ray.data.pipeline import (
     tokenize,
     usable_images,
 )
-from mama_ray.data.shards import decode_image
+from mama_ray.data.shards import decode_image, read_rows
 
 VAL_SALT = 3  # separates the val split's random streams from the training epochs'
 COLUMNS = ["study_id", "split", "procedure", "reason", "age", "race", "ethnicity", "images"]
@@ -81,20 +80,6 @@ def rank_share(cfg: Config, rank: int, world_size: int) -> tuple[range, _Owned]:
                     rows.setdefault(f, {}).setdefault(int(row), []).append((slot, q))
                 q += 1
     return mine, _Owned(index.files, rows, index.row_groups)
-
-
-def _read_rows(fs, path: str, groups: tuple[int, ...], rows: list[int]) -> list[dict[str, Any]]:
-    """Study rows ``rows`` (row numbers in the file) of one shard, reading only their row groups."""
-    starts = np.cumsum((0, *groups))
-    wanted = sorted({int(np.searchsorted(starts, r, "right")) - 1 for r in rows})
-    with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_groups(wanted, columns=COLUMNS)
-    offsets, off = {}, 0
-    for g in wanted:
-        offsets[g] = off - int(starts[g])
-        off += groups[g]
-    take = [r + offsets[int(np.searchsorted(starts, r, "right")) - 1] for r in rows]
-    return table.take(take).to_pylist()
 
 
 def second_image(rng: np.random.Generator, usable: list[int], first: int, prob: float) -> int:
@@ -164,7 +149,7 @@ class ValSet:
         with ThreadPoolExecutor(max(1, int(cfg.scaling.cpus_per_worker))) as pool:
             for f, rows in sorted(owned.rows.items()):  # one shard's rows in memory at a time
                 order = sorted(rows)
-                studies = _read_rows(fs, owned.files[f], owned.groups[f], order)
+                studies = read_rows(fs, owned.files[f], owned.groups[f], order, COLUMNS).to_pylist()
                 new = []
                 for row, study in zip(order, studies, strict=True):
                     for s in _study_samples(cfg, study, rows[row]):

@@ -142,18 +142,16 @@ def settings(cfg: Config, checkpoint_uri: str) -> dict:
 def first_eval_rows(cfg: Config, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` evaluation rows of the split in shard order, made in this process by the
     pipeline's own map function (a handful of images needs no cluster)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from mama_ray.data.pipeline import READ_COLUMNS, eval_batch, shard_paths
+    from mama_ray.data.shards import iter_row_groups
 
     fs, files = shard_paths(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
-    parts, count = [], 0
+    parts, count, size = [], 0, cfg.data.map_batch_size
     for path in files:
-        with fs.open_input_file(path) as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=cfg.data.map_batch_size, columns=READ_COLUMNS):
-                table = pa.Table.from_batches([rb])
+        for group in iter_row_groups(fs, path, READ_COLUMNS):
+            for table in (group.slice(i, size) for i in range(0, group.num_rows, size)):
                 batch = eval_batch(table.filter(pc.equal(table["split"], cfg.eval.split)), cfg)
                 parts.append(batch)
                 count += len(batch["image_id"])
