@@ -86,6 +86,11 @@ def setup_logging(level: str | None = None) -> int:
     _third_party_level = third_party
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(third_party)
+    for name in list(logging.root.manager.loggerDict):
+        # Ray Train names some loggers by file path (``getLogger(__file__)``), outside "ray.train";
+        # at INFO they print every report's whole metrics dict on every rank.
+        if name.endswith(".py") and f"{os.sep}ray{os.sep}" in name:
+            logging.getLogger(name).setLevel(third_party)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(third_party).lower())
     if "ray" in sys.modules:
         quiet_ray_data(third_party)
