@@ -163,6 +163,7 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
     """
     import ray.data
 
+    _refresh_limits_sooner()
     fs, _ = storage.filesystem(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one item per block → per task
     block = cfg.data.block_mb * 1024**2
@@ -176,6 +177,29 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
     # checked on the consumer, so this is about memory, never about correctness.
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(fn, batch_size=None, fn_kwargs={**fn_kwargs, "fs": fs}, **_map_args(cfg))
+
+
+# Seconds between two refreshes of an execution's resource limits (Ray Data's own: 1 s). Ray Data
+# 2.60 learns the CPUs and store an execution may use from its autoscaling coordinator actor, one
+# asynchronous call per refresh, so the first refresh of every execution answers zero and the
+# limits arrive one interval later. Until then every operator's budget is zero and only Ray's
+# liveness rule runs a task (one, when nothing runs): the first second of every epoch ran one map
+# task on a node with CPUs for more (docs/pipeline.md, "Why one operator"). 0.1 s makes that
+# ≈ 0.1 s; the limits, budgets and object-store bounds themselves are unchanged.
+LIMITS_REFRESH_S = 0.1
+
+
+def _refresh_limits_sooner() -> None:
+    """Ray Data's resource limits refresh every ``LIMITS_REFRESH_S`` in this process (0 = leave as is).
+
+    A class attribute of Ray's ResourceManager (not a public setting; absent → nothing changes): it
+    applies to every execution this process starts, the eval datasets included.
+    """
+    from ray.data._internal.execution import resource_manager
+
+    manager = getattr(resource_manager, "ResourceManager", None)
+    if LIMITS_REFRESH_S > 0 and hasattr(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
+        manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S
 
 
 def _node_store_bytes() -> int:
