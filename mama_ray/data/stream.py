@@ -200,9 +200,10 @@ def _shared_node_map_args(cfg: Config, map_args: dict[str, Any], local_ranks: in
     Every execution sees all the node's CPUs, so each would start as many map tasks as the node
     has CPUs, and each running task holds output blocks in the shared store. Capped at its
     part of the CPUs (at least one task), the node runs as many tasks as before, and an
-    execution's store use stays near one task's worth. An explicit ``data.map_concurrency`` wins.
+    execution's store use stays near one task's worth. An explicit ``data.map_concurrency`` wins,
+    and with ``data.map_resources`` the tasks run on other nodes, whose CPUs this one cannot tell.
     """
-    if "concurrency" in map_args:
+    if "concurrency" in map_args or cfg.data.map_resources:
         return map_args
     per_rank = _node_cpus() / (cfg.data.num_cpus_per_map * local_ranks)
     return {**map_args, "concurrency": max(1, int(per_rank))}
