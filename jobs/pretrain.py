@@ -20,7 +20,14 @@ if not __package__:  # `python jobs/x.py` from a checkout; installed it is mama_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mama_ray.config import add_config_args, load_from_args  # noqa: E402
-from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, job_parser, parse_args, run_main  # noqa: E402
+from mama_ray.runtime import (  # noqa: E402
+    MIN_TRAINING_CPUS,
+    ensure_deepspeed_accelerator,
+    init_ray,
+    job_parser,
+    parse_args,
+    run_main,
+)
 
 
 def main() -> int:
@@ -33,8 +40,7 @@ def main() -> int:
     from mama_ray.train.launch import check_data, run_pretrain
 
     check_data(cfg)  # a wrong data.shards fails here, not after Ray started
-    if not cfg.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reaches local workers; attached ones get it via train_func
+    ensure_deepspeed_accelerator(cfg.scaling.use_gpu)  # reaches local workers; attached ones set it in train_func
     init_ray(num_cpus=max(MIN_TRAINING_CPUS, os.cpu_count() or 1))
 
     summary = run_pretrain(cfg, resume_from=args.resume_from)

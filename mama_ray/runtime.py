@@ -63,6 +63,21 @@ QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "peft", "huggingface_
 
 _third_party_level = logging.WARNING  # what setup_logging last chose for QUIET_LOGGERS
 
+DS_ACCELERATOR_ENV = "DS_ACCELERATOR"
+
+
+def ensure_deepspeed_accelerator(use_gpu: bool) -> None:
+    """A run without GPUs makes DeepSpeed use its CPU accelerator (a value already set wins).
+
+    Call it before ``deepspeed`` is first imported in the process: DeepSpeed picks its accelerator
+    once, on import (``get_accelerator()`` caches it for the process), by probing for CUDA and other
+    devices unless ``DS_ACCELERATOR`` names one — so a CPU run on a machine that has a GPU would
+    otherwise take the GPU, and setting the variable after the import changes nothing. The driver's
+    environment reaches local Ray workers; attached clusters' workers call this themselves.
+    """
+    if not use_gpu:
+        os.environ.setdefault(DS_ACCELERATOR_ENV, "cpu")
+
 
 def log_level(name: str | None = None) -> int:
     """``name`` (or ``$MAMA_LOG_LEVEL``, else info) as a logging level number."""
@@ -86,6 +101,11 @@ def setup_logging(level: str | None = None) -> int:
     _third_party_level = third_party
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(third_party)
+    for name in list(logging.root.manager.loggerDict):
+        # Ray Train names some loggers by file path (``getLogger(__file__)``), outside "ray.train";
+        # at INFO they print every report's whole metrics dict on every rank.
+        if name.endswith(".py") and f"{os.sep}ray{os.sep}" in name:
+            logging.getLogger(name).setLevel(third_party)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", logging.getLevelName(third_party).lower())
     if "ray" in sys.modules:
         quiet_ray_data(third_party)

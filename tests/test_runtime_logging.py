@@ -119,3 +119,30 @@ def test_every_subpackage_is_installed():
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mama_ray").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
+
+
+def test_ray_train_file_named_loggers_are_held_at_warning():
+    import ray.train.v2._internal.execution.context as train_context
+
+    try:
+        runtime.setup_logging("info")
+        # Ray Train names this logger by its file path; at INFO it logs every report's metrics.
+        assert not logging.getLogger(train_context.__file__).isEnabledFor(logging.INFO)
+        runtime.setup_logging("debug")
+        assert logging.getLogger(train_context.__file__).isEnabledFor(logging.INFO)
+    finally:
+        runtime.setup_logging("info")
+
+
+def test_progress_line_is_written_once_under_ray_trains_print_patch(capsys, caplog, monkeypatch):
+    import builtins
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from mama_ray.train.metrics import print_progress
+
+    monkeypatch.setattr(builtins, "print", redirected_print)  # what a Ray Train worker runs with
+    with caplog.at_level(logging.INFO):
+        print_progress("step 1/2 (50%) loss 1.0000")
+    assert capsys.readouterr().out == "step 1/2 (50%) loss 1.0000\n"
+    assert not [r for r in caplog.records if "step 1/2" in r.getMessage()]  # not also logged

@@ -161,4 +161,7 @@ def progress_line(step: int, max_steps: int, metrics: dict[str, float], started:
 
 
 def print_progress(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)
+    # Not print(): in a Ray Train worker print is patched to log at INFO on the root logger and
+    # also echo to stdout, so every line came out twice. The worker's stdout reaches the driver.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -247,7 +247,7 @@ def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, trut
     for r in rows:
         study = truth["studies"][r["study_id"]]
         img = next(x for x in study["images"] if x["image_id"] == r["image_id"])
-        fields = pipeline.caption_fields(study, img)
+        fields = pipeline.caption_fields_from_study(study, img)
         assert pipeline.eval_caption_fields(r) == fields
         tokens = pipeline.tokenize(cfg, [captions.to_model_text(captions.caption_text(fields))])
         assert np.array_equal(r["input_ids"], tokens["input_ids"][0])  # nothing masked
