@@ -1,6 +1,7 @@
 """Training-pipeline throughput: the Ray Data pipeline vs. a torch DataLoader, on the same shards.
 
     python bench/pipeline.py [--studies 48] [--image-size 518] [--cpus N] [--long-side 1024] [--epochs 1]
+                             [--limits-refresh 0.1]
 
 Writes ``--studies`` synthetic studies (4 mammogram-like images each, long side ``--long-side``,
 PNG) as shards, then times ``--epochs`` training epochs back to back at ``--image-size``:
@@ -43,6 +44,7 @@ import torch.utils.data  # noqa: E402
 
 from mama_ray.config import Config, load  # noqa: E402
 from mama_ray.data import pipeline  # noqa: E402
+from mama_ray.data import stream as data_stream  # noqa: E402
 from mama_ray.data.schema import SHARD_SCHEMA  # noqa: E402
 from mama_ray.data.shards import encode_image  # noqa: E402
 from mama_ray.data.synthetic import synth_image  # noqa: E402
@@ -178,7 +180,10 @@ def main() -> None:
     ap.add_argument("--long-side", type=int, default=1024)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--limits-refresh", type=float, default=data_stream.LIMITS_REFRESH_S,
+                    help="seconds between Ray Data's resource-limit refreshes (1 = Ray's own; see mama_ray/data/stream.py)")
     args = ap.parse_args()
+    data_stream.LIMITS_REFRESH_S = args.limits_refresh
     os.environ.pop("RAY_ADDRESS", None)
     # Ray starts its workers at nice 15 (the DataLoader's run at 0): on a machine with any other
     # load that alone starves Ray's map tasks. Compare at equal priority unless told otherwise.
@@ -191,7 +196,7 @@ def main() -> None:
         d_n, d_s, d_mem, d_cpu = run_dataloader(cfg, args.cpus, args.epochs)
     print(f"{args.studies} studies × 4 images, stored long side {args.long_side}, out {args.image_size}², "
           f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}; "
-          f"Ray worker niceness {os.environ[NICENESS]}")
+          f"Ray worker niceness {os.environ[NICENESS]}; limits refresh {args.limits_refresh} s")
     print("| pipeline | pairs | s | pairs/s | CPU s | pairs/CPU-s | peak PSS MB | note |\n|---|---|---|---|---|---|---|---|")
     print(f"| Ray Data (TrainStream) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu:.1f} | {r_n / r_cpu:.1f} | "
           f"{r_mem / 2**20:.0f} | data wait {r_wait:.1f} s |")

@@ -17,7 +17,14 @@ import sys
 
 try:
     from mama_ray.config import add_config_args, load_from_args
-    from mama_ray.runtime import MIN_TRAINING_CPUS, init_ray, job_parser, parse_args, run_main
+    from mama_ray.runtime import (
+        MIN_TRAINING_CPUS,
+        ensure_deepspeed_accelerator,
+        init_ray,
+        job_parser,
+        parse_args,
+        run_main,
+    )
 except ModuleNotFoundError as e:  # `python jobs/pretrain.py` from a checkout without the package installed
     if e.name != "mama_ray":
         raise
@@ -37,8 +44,7 @@ def main() -> int:
     from mama_ray.train.launch import check_data
 
     check_data(cfg)  # a wrong data.shards fails here, not after Ray started
-    if not cfg.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reaches local workers; attached ones get it via train_func
+    ensure_deepspeed_accelerator(cfg.scaling.use_gpu)  # reaches local workers; attached ones set it in train_func
     init_ray(num_cpus=max(MIN_TRAINING_CPUS, os.cpu_count() or 1))
 
     summary = run_pretrain(cfg, resume_from=args.resume_from)

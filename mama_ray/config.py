@@ -18,6 +18,7 @@ import math
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -28,7 +29,20 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
-    """A user-caused config problem; the message names the field."""
+    """A user-caused config problem (the jobs print it and exit 2).
+
+    Every check of a field raises it with ``path``, the dotted field name, and reads
+    ``config field '<path>': <problem>`` — the one format, whichever module checks. Without a
+    path the message is ``problem`` alone: for what names no one field (a file that is not YAML,
+    an override that is not ``a.b=v``, an unknown preset file).
+    """
+
+    def __init__(self, problem: str, path: str = ""):
+        super().__init__(f"config field '{path}': {problem}" if path else problem)
+        self.problem, self.path = problem, path
+
+    def __reduce__(self):  # unpickled (from a Ray worker) with its field, not the message as the problem
+        return type(self), (self.problem, self.path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +163,6 @@ class LossConfig:
     late_loss_step: int = 8000  # optimizer step from which clip2/mv/sla join (method.md §3)
     ntxent_temperature: float = 0.5  # NT-Xent temperature (fixed)
     gather_ntxent: bool = True  # all-gather NT-Xent features across ranks with gradient
-    sync_local_heads: bool = True  # all-reduce local heads' gradients (the original did not, method.md §6.6)
 
 
 @dataclass
@@ -269,7 +282,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _fail(path: str, msg: str) -> typing.NoReturn:
-    raise ConfigError(f"config field '{path}': {msg}")
+    raise ConfigError(msg, path)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -514,6 +527,8 @@ def validate(cfg: Config) -> None:
         _fail("deepspeed.zero_stage", f"{cfg.deepspeed.zero_stage} is not one of [0, 1, 2, 3]")
     if cfg.deepspeed.offload_param and cfg.deepspeed.zero_stage != 3:
         _fail("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        _fail("deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
     if len(cfg.optim.betas) != 2:
         _fail("optim.betas", f"needs two values, got {cfg.optim.betas!r}")
     _positive(cfg, "eval.batch_size", "eval.probe_steps", "eval.probe_batch_size", "eval.concurrency")
@@ -555,6 +570,46 @@ def _check_validation(cfg: Config) -> None:
         _fail("train.best_metric", f"{cfg.train.best_metric!r} is not a validation metric; choose from "
               f"{', '.join(val_metrics(cfg))}" + ("" if cfg.eval.val_zero_shot else
                                                   " (zero-shot ones need eval.val_zero_shot=true)"))
+
+
+def stop_step(cfg: Config) -> int:
+    """The optimizer step this launch ends at: ``train.stop_at_step`` when it cuts the run short, else ``max_steps``."""
+    s = cfg.train.stop_at_step
+    return s if 0 < s < cfg.train.max_steps else cfg.train.max_steps
+
+
+def check_probe_schedule(ecfg: EvalConfig) -> None:
+    """The probe's warm-up fits in its steps (checked where a probe runs: only evaluation needs it)."""
+    if ecfg.probe_warmup_steps > ecfg.probe_steps:
+        _fail("eval.probe_warmup_steps", f"{ecfg.probe_warmup_steps} exceeds eval.probe_steps={ecfg.probe_steps}")
+
+
+ZERO_SHOT_PREFIX = "zero_shot_"  # metrics only the end-of-trial evaluation reports
+VAL_PREFIX = "val_"  # metrics only validation steps report
+
+
+def check_tune_settings(cfg: Config) -> None:
+    """The ``tune`` section against the rest of the config (checked by a sweep, before Ray starts).
+
+    The checks that need the search space's Tune domains are in :mod:`mama_ray.sweep`.
+    """
+    t = cfg.tune
+    _positive(cfg, "tune.num_samples", "tune.grace_period", "tune.max_concurrent")
+    if t.reduction_factor < 2:
+        _fail("tune.reduction_factor", f"must be >= 2, got {t.reduction_factor}")
+    if t.metric.startswith(ZERO_SHOT_PREFIX) and not cfg.train.eval_at_end:
+        _fail("tune.metric", f"{t.metric!r} is reported by the end-of-trial zero-shot evaluation; "
+              "set train.eval_at_end=true")
+    if t.metric.startswith(VAL_PREFIX):
+        if t.metric not in val_metrics(cfg):
+            _fail("tune.metric", f"{t.metric!r} is not a validation metric; choose from {', '.join(val_metrics(cfg))}")
+        if cfg.train.val_every == 0:
+            _fail("tune.metric", f"{t.metric!r} is reported by validation during training, which "
+                  "train.val_every=0 turns off; set train.val_every > 0")
+        if cfg.train.val_every >= stop_step(cfg):
+            warnings.warn(f"train.val_every={cfg.train.val_every} ≥ the trial's {stop_step(cfg)} steps: "
+                          f"{t.metric} is reported once, at the end, so ASHA cannot stop a trial early; "
+                          "lower train.val_every", stacklevel=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,21 @@ QUIET_LOGGERS = ("DeepSpeed", "deepspeed", "transformers", "peft", "huggingface_
 
 _third_party_level = logging.WARNING  # what setup_logging last chose for QUIET_LOGGERS
 
+DS_ACCELERATOR_ENV = "DS_ACCELERATOR"
+
+
+def ensure_deepspeed_accelerator(use_gpu: bool) -> None:
+    """A run without GPUs makes DeepSpeed use its CPU accelerator (a value already set wins).
+
+    Call it before ``deepspeed`` is first imported in the process: DeepSpeed picks its accelerator
+    once, on import (``get_accelerator()`` caches it for the process), by probing for CUDA and other
+    devices unless ``DS_ACCELERATOR`` names one — so a CPU run on a machine that has a GPU would
+    otherwise take the GPU, and setting the variable after the import changes nothing. The driver's
+    environment reaches local Ray workers; attached clusters' workers call this themselves.
+    """
+    if not use_gpu:
+        os.environ.setdefault(DS_ACCELERATOR_ENV, "cpu")
+
 
 def log_level(name: str | None = None) -> int:
     """``name`` (or ``$MAMA_LOG_LEVEL``, else info) as a logging level number."""

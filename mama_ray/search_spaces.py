@@ -52,5 +52,5 @@ SPACES: dict[str, dict[str, Any]] = {
 def get_space(name: str) -> dict[str, Any]:
     """The search space called ``name``; a :class:`ConfigError` lists the names there are."""
     if name not in SPACES:
-        raise ConfigError(f"unknown search space {name!r}; named spaces: {', '.join(SPACES)}")
+        raise ConfigError(f"unknown search space {name!r}; named spaces: {', '.join(SPACES)}", "tune.space")
     return dict(SPACES[name])

@@ -28,7 +28,6 @@ import csv
 import io
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,17 +40,14 @@ from ray.tune.search.sample import Domain
 
 from mama_ray import config as config_mod
 from mama_ray import storage
-from mama_ray.config import Config, ConfigError
+from mama_ray.config import VAL_PREFIX, ZERO_SHOT_PREFIX, Config, ConfigError
 from mama_ray.driver import with_default_data
 from mama_ray.eval import run_zero_shot
 from mama_ray.layout import latest_checkpoint
 from mama_ray.runtime import MIN_TRAINING_CPUS
 from mama_ray.train.launch import build_trainer, run_uri
-from mama_ray.train.loop import stop_step
-from mama_ray.train.validate import is_val_step
+from mama_ray.train.loop import report_due
 
-ZERO_SHOT_PREFIX = "zero_shot_"  # metrics only the end-of-trial evaluation reports
-VAL_PREFIX = "val_"  # metrics only validation steps report
 WEIGHTED_METRICS = ("loss", "val_loss")  # totals the loss weights scale
 UNWEIGHTED_SUGGESTION = ("val_clip_loss", "val_clip2_loss", "val_mv_loss", "val_sla_loss", "val_i2t_r1",
                          "val_t2i_r1")
@@ -87,11 +83,9 @@ def best_config(cfg: Config, params: dict[str, Any]) -> Config:
 
 
 def report_count(cfg: Config) -> int:
-    """Training reports of one run: every ``log_every``, ``val_every`` and ``checkpoint_every`` step and the last."""
-    stop = stop_step(cfg)
-    return sum(1 for s in range(1, stop + 1)
-               if s % cfg.train.log_every == 0 or s % cfg.train.checkpoint_every == 0 or s == stop
-               or is_val_step(cfg, s, stop))
+    """Training reports of one run (ASHA's ``max_t``): the steps the loop reports at, validation on."""
+    stop = config_mod.stop_step(cfg)
+    return sum(1 for s in range(1, stop + 1) if report_due(cfg, s, stop).report)
 
 
 def local_cpus(cfg: Config) -> int:
@@ -117,35 +111,10 @@ def _examples(domain: Any) -> list[Any]:
 def check_space(cfg: Config, space: dict[str, Any]) -> None:
     """Fail with a :class:`ConfigError` naming the field when a space key or value does not fit ``cfg``."""
     if not space:
-        raise ConfigError("the search space is empty")
+        raise ConfigError("the search space is empty", "tune.space")
     for key, domain in space.items():
         for value in _examples(domain):
             config_mod.override(cfg, {key: value})
-
-
-def check_tune_settings(cfg: Config) -> None:
-    t = cfg.tune
-    if t.num_samples < 1:
-        raise ConfigError(f"config field 'tune.num_samples': must be >= 1, got {t.num_samples}")
-    if t.grace_period < 1 or t.reduction_factor < 2:
-        raise ConfigError("config fields 'tune.grace_period' (>= 1) and 'tune.reduction_factor' (>= 2): "
-                          f"got {t.grace_period} and {t.reduction_factor}")
-    if t.max_concurrent < 1:
-        raise ConfigError(f"config field 'tune.max_concurrent': must be >= 1, got {t.max_concurrent}")
-    if t.metric.startswith(ZERO_SHOT_PREFIX) and not cfg.train.eval_at_end:
-        raise ConfigError(f"config field 'tune.metric': {t.metric!r} is reported by the end-of-trial "
-                          "zero-shot evaluation; set train.eval_at_end=true")
-    if t.metric.startswith(VAL_PREFIX):
-        if t.metric not in config_mod.val_metrics(cfg):
-            raise ConfigError(f"config field 'tune.metric': {t.metric!r} is not a validation metric; choose from "
-                              f"{', '.join(config_mod.val_metrics(cfg))}")
-        if cfg.train.val_every == 0:
-            raise ConfigError(f"config field 'tune.metric': {t.metric!r} is reported by validation during "
-                              "training, which train.val_every=0 turns off; set train.val_every > 0")
-        if cfg.train.val_every >= stop_step(cfg):
-            warnings.warn(f"train.val_every={cfg.train.val_every} ≥ the trial's {stop_step(cfg)} steps: "
-                          f"{t.metric} is reported once, at the end, so ASHA cannot stop a trial early; "
-                          "lower train.val_every", stacklevel=2)
 
 
 def weighted_fields(space: dict[str, Any]) -> list[str]:
@@ -158,15 +127,15 @@ def check_metric_against_space(cfg: Config, space: dict[str, Any]) -> None:
     varied = weighted_fields(space)
     if varied and cfg.tune.metric in WEIGHTED_METRICS:
         raise ConfigError(
-            f"config field 'tune.metric': {cfg.tune.metric!r} is the weighted sum of the loss terms, and the "
+            f"{cfg.tune.metric!r} is the weighted sum of the loss terms, and the "
             f"search space varies {', '.join(varied)}: trials would be ranked by their weights, not by what "
             f"they learnt. Rank by an unweighted validation metric, e.g. --set tune.metric=val_clip_loss "
-            f"(or {', '.join(UNWEIGHTED_SUGGESTION[1:])}; R@1 with tune.mode=max)")
+            f"(or {', '.join(UNWEIGHTED_SUGGESTION[1:])}; R@1 with tune.mode=max)", "tune.metric")
 
 
 def check_sweep(cfg: Config, space: dict[str, Any]) -> None:
     """Every check a sweep makes before anything starts (ConfigError naming the field)."""
-    check_tune_settings(cfg)
+    config_mod.check_tune_settings(cfg)
     check_space(cfg, space)
     check_metric_against_space(cfg, space)
 
@@ -241,13 +210,12 @@ def searcher(cfg: Config, space: dict[str, Any]):
         return BasicVariantGenerator(max_concurrent=t.max_concurrent, random_state=cfg.run.seed)
     grids = sorted(k for k, v in space.items() if isinstance(v, dict) and "grid_search" in v)
     if grids:
-        raise ConfigError(f"config field 'tune.search': optuna cannot search the grid of {', '.join(grids)}; "
-                          "use tune.search=random or a sampled domain")
+        raise ConfigError(f"optuna cannot search the grid of {', '.join(grids)}; "
+                          "use tune.search=random or a sampled domain", "tune.search")
     try:
         import optuna  # noqa: F401 - OptunaSearch needs it; say so before any trial starts
     except ImportError:
-        raise ConfigError("config field 'tune.search': optuna is not installed "
-                          "(pip install 'mama-ray[optuna]')") from None
+        raise ConfigError("optuna is not installed (pip install 'mama-ray[optuna]')", "tune.search") from None
     from ray.tune.search.optuna import OptunaSearch  # why: imports optuna, an optional dependency
 
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.run.seed), max_concurrent=t.max_concurrent)
@@ -328,7 +296,7 @@ def trial_rows(cfg: Config, grid) -> list[dict[str, Any]]:
     A trial is complete when its run reached its last step (a trial resumed mid-run by ``--resume``
     reports fewer times than ``max_t`` yet completes), else it was stopped early.
     """
-    last_step, metric = stop_step(cfg), cfg.tune.metric
+    last_step, metric = config_mod.stop_step(cfg), cfg.tune.metric
     rows = []
     for result in grid:
         m = result.metrics or {}

@@ -119,3 +119,80 @@ def test_docs_reference_takes_each_field_comment_from_its_own_section():
     assert "| `model.text.grad_ckpt` | `False` | HF gradient checkpointing of the trunk |" in ref
     assert "| `model.vision.grad_ckpt` | `False` | activation checkpointing of the ViT blocks |" in ref
     assert "| `model.text.hidden_size` | `2560` | width |" in ref
+
+
+def _probe_check(cfg):
+    C.check_probe_schedule(cfg.eval)
+
+
+def _sweep_check(name):
+    def check(cfg):
+        from mama_ray import sweep
+
+        space = {} if name == "check_space" else {"loss.mv_weight": 0.5, "loss.sla_weight": {"grid_search": [0, 1]}}
+        getattr(sweep, name)(cfg, space)
+    return check
+
+
+def _data_check(cfg):
+    from mama_ray.train.launch import check_data
+
+    check_data(cfg)
+
+
+def _ingest_check(cfg):
+    from mama_ray.data.ingest import pseudonym_key
+    from mama_ray.storage import StorageOptions
+
+    pseudonym_key(cfg, StorageOptions())
+
+
+@pytest.mark.parametrize(
+    "overrides, check, path",
+    [
+        # load-time checks (config.validate) ...
+        ({"deepspeed.zero_stage": 0, "deepspeed.offload_optimizer": True}, None, "deepspeed.offload_optimizer"),
+        ({"deepspeed.offload_param": True}, None, "deepspeed.offload_param"),
+        ({"optim.warmup_steps": 10**6}, None, "optim.warmup_steps"),
+        ({"train.best_metric": "val_r1"}, None, "train.best_metric"),
+        # ... the sweep's settings (config.check_tune_settings) ...
+        ({"tune.num_samples": 0}, C.check_tune_settings, "tune.num_samples"),
+        ({"tune.grace_period": 0}, C.check_tune_settings, "tune.grace_period"),
+        ({"tune.reduction_factor": 1}, C.check_tune_settings, "tune.reduction_factor"),
+        ({"tune.max_concurrent": 0}, C.check_tune_settings, "tune.max_concurrent"),
+        ({"train.val_every": 0}, C.check_tune_settings, "tune.metric"),
+        # ... the probe's schedule, checked where a probe runs ...
+        ({"eval.probe_steps": 5, "eval.probe_warmup_steps": 6}, _probe_check, "eval.probe_warmup_steps"),
+        # ... and the checks that need a search space, the data or the key, where they live
+        ({}, _sweep_check("check_space"), "tune.space"),
+        ({"tune.metric": "val_loss"}, _sweep_check("check_metric_against_space"), "tune.metric"),
+        ({"tune.search": "optuna"}, _sweep_check("searcher"), "tune.search"),
+        ({"data.shards": "/nonexistent/shards"}, _data_check, "data.shards"),
+        ({"ingest.pseudonym_key": ""}, _ingest_check, "ingest.pseudonym_key"),
+    ],
+)
+def test_every_check_names_its_field_in_the_one_format(overrides, check, path):
+    with pytest.raises(C.ConfigError) as e:
+        cfg = C.load("tiny_tune", overrides)
+        check(cfg)
+    assert e.value.path == path
+    assert str(e.value) == f"config field '{path}': {e.value.problem}" and e.value.problem
+
+
+def test_config_error_pickles_with_its_field():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(C.ConfigError("must be > 0, got 0", "train.max_steps")))
+    assert (err.path, err.problem, str(err)) == ("train.max_steps", "must be > 0, got 0",
+                                                 "config field 'train.max_steps': must be > 0, got 0")
+    assert str(pickle.loads(pickle.dumps(C.ConfigError("not valid YAML")))) == "not valid YAML"
+
+
+def test_removed_sync_local_heads_is_an_unknown_key(tmp_path):
+    """Local heads are always synchronised; an old config that still sets the field fails naming it."""
+    p = tmp_path / "old.yaml"
+    p.write_text("loss:\n  sync_local_heads: true\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(str(p))
+    assert e.value.path == "loss.sync_local_heads" and "unknown key; valid keys here: clip_weight" in str(e.value)
+    assert not hasattr(C.LossConfig(), "sync_local_heads")

@@ -147,7 +147,7 @@ def _decode(codes: dict, header: str, row: dict) -> str | None:
     return codes.get((header, code)) if code else None
 
 
-def caption_fields(meta: dict, clin: dict | None, codes: dict) -> CaptionFields:
+def caption_fields_from_tables(meta: dict, clin: dict | None, codes: dict) -> CaptionFields:
     """Caption fields of one image from its metadata row and chosen clinical row (method.md §1.3)."""
     procedure = _clean(meta["StudyDescription"])
     clin = clin or {}
@@ -222,7 +222,7 @@ def _image_record(meta: dict, dicoms: str, clinical: _ClinicalIndex, codes: dict
     if str(meta["FinalImageType"]).strip() != "2D":
         return None, dict(reject, reason=f"FinalImageType {meta['FinalImageType']!r} is not 2D")
     clin = clinical.row(acc, _clean(meta["ImageLateralityFinal"]))
-    fields = caption_fields(meta, clin, codes)
+    fields = caption_fields_from_tables(meta, clin, codes)
     if clin is None:
         return None, dict(reject, reason="no clinical row for the study")
     if not is_complete(fields):

@@ -142,7 +142,7 @@ def pseudonym_key(cfg: Config, opts: StorageOptions) -> bytes:
                              "forwarded to every Ray worker (and shown in the dashboard); use another name")
         return load_key(spec, opts)
     except ValueError as e:
-        raise ConfigError(f"config field 'ingest.pseudonym_key': {e}") from None
+        raise ConfigError(str(e), "ingest.pseudonym_key") from None
 
 
 def _roots(dicoms: str) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from mama_ray.data.samples import (
     READ_COLUMNS,
     STRING_KEYS,
     birads_class,
-    caption_fields,
+    caption_fields_from_study,
     caption_tokens,
     density_class,
     eval_batch,
@@ -55,7 +55,7 @@ from mama_ray.data.stream import (
 __all__ = [
     "CAPTION_FIELDS", "EVAL_FIELDS", "READ_COLUMNS", "STRING_KEYS", "TENSOR_KEYS", "BlockStream",
     "FlatIndex", "PlanParams", "RankPlan", "SplitIndex", "TrainBatches", "TrainStream", "Window",
-    "birads_class", "build_eval_dataset", "build_label_dataset", "build_train_dataset", "caption_fields", "collate",
+    "birads_class", "build_eval_dataset", "build_label_dataset", "build_train_dataset", "caption_fields_from_study", "collate",
     "density_class", "epoch_plan", "eval_batch", "eval_caption_fields", "iter_train_batches",
     "rank_plan", "samples_per_rank", "shard_paths", "split_index", "caption_tokens", "train_columns",
     "train_sample", "usable_images",

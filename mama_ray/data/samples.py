@@ -38,7 +38,7 @@ STRING_KEYS = ("caption", "study_id", "image_id", "image2_id")
 # ------------------------------------------------------------------------------------------
 
 
-def caption_fields(study: dict[str, Any], image: dict[str, Any]) -> captions.CaptionFields:
+def caption_fields_from_study(study: dict[str, Any], image: dict[str, Any]) -> captions.CaptionFields:
     """The caption fields of one image of a study row (docs/architecture.md, shard schema)."""
     return captions.CaptionFields(**{f: (study if f in STUDY_CAPTION_FIELDS else image).get(f)
                                      for f in CAPTION_FIELDS})
@@ -47,7 +47,7 @@ def caption_fields(study: dict[str, Any], image: dict[str, Any]) -> captions.Cap
 def usable_images(study: dict[str, Any]) -> list[int]:
     """Indices of a study's images with a complete caption (the only ones the method uses)."""
     return [i for i, img in enumerate(study.get("images") or [])
-            if captions.is_complete(caption_fields(study, img))]
+            if captions.is_complete(caption_fields_from_study(study, img))]
 
 
 def density_class(density: int | None) -> int:
@@ -125,7 +125,7 @@ def train_sample(cfg: Config, study: dict, slot: int, epoch: int, q: int) -> dic
         view2 = transforms.train_transform(pixels2, size, rng)
     else:
         view1, view2 = transforms.eval_transform(pixels1, size), transforms.eval_transform(pixels2, size)
-    text = captions.caption_text(caption_fields(study, img1), masked)
+    text = captions.caption_text(caption_fields_from_study(study, img1), masked)
     return {"image1": view1[None], "image2": view2[None], "caption": text,
             "density": density_class(img1["density"]), "birads": birads_class(img1["birads"]),
             "study_id": study["study_id"], "image_id": img1["image_id"], "image2_id": img2["image_id"],
@@ -166,7 +166,7 @@ def eval_batch(batch: pa.Table, cfg: Config) -> dict[str, np.ndarray]:
     for study in batch.to_pylist():
         for i in usable_images(study):
             img = study["images"][i]
-            f = caption_fields(study, img)
+            f = caption_fields_from_study(study, img)
             pixels = transforms.eval_transform(decode_image(img["image"], img["codec"]), size)
             texts.append(captions.to_model_text(captions.caption_text(f)))
             rows.append({"image": transforms.to_rgb_chw(pixels), "study_id": study["study_id"],
@@ -187,7 +187,7 @@ def eval_labels(batch: pa.Table) -> dict[str, np.ndarray]:
     for study in batch.to_pylist():
         for i in usable_images(study):
             img = study["images"][i]
-            f = caption_fields(study, img)
+            f = caption_fields_from_study(study, img)
             ids.append("" if img["image_id"] is None else str(img["image_id"]))
             density.append(density_class(f.density))
             birads.append(birads_class(f.birads))

@@ -1,4 +1,4 @@
-"""Shard I/O: the one image encode/decode path, the Parquet shard writer, manifest helpers.
+"""Shard I/O: the one image encode/decode path, the Parquet shard writer and reader, manifest helpers.
 
 Stored images are grayscale uint8 arrays encoded losslessly (PNG). The training pipeline reads
 them back with :func:`decode_image`; nothing else in mama-ray decodes a stored image.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mama_ray.data.schema import SHARD_SCHEMA
@@ -108,3 +110,31 @@ def read_manifest(shards: str, opts: StorageOptions | None = None) -> dict:
 def shard_files(shards: str, opts: StorageOptions | None = None) -> list[str]:
     """URIs of the shards a manifest lists, in order."""
     return [join(shards, s["file"]) for s in read_manifest(shards, opts)["shards"]]
+
+
+def iter_row_groups(fs: pafs.FileSystem, path: str, columns: list[str],
+                    row_groups: Iterable[int] | None = None) -> Iterator[pa.Table]:
+    """The row groups ``row_groups`` (all when None) of one shard, ``columns`` only, one table each.
+
+    The one loop that reads a shard: the file is opened once, and only one row group is in
+    memory at a time unless the caller keeps them.
+    """
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups) if row_groups is None else row_groups:
+            yield pf.read_row_group(g, columns=columns)
+
+
+def read_rows(fs: pafs.FileSystem, path: str, groups: tuple[int, ...], rows: list[int],
+              columns: list[str]) -> pa.Table:
+    """Rows ``rows`` (row numbers in the file, at least one, in that order) of one shard, reading only their row groups.
+
+    Args:
+        groups: the number of rows of each row group of the file, in order.
+    """
+    starts = np.cumsum((0, *groups))  # the file's row number of each group's first row
+    group_of = [int(np.searchsorted(starts, r, "right")) - 1 for r in rows]
+    wanted = sorted(set(group_of))
+    table = pa.concat_tables(iter_row_groups(fs, path, columns, wanted))
+    at = dict(zip(wanted, np.cumsum((0, *(groups[g] for g in wanted)))[:-1].tolist(), strict=True))  # group → its first row in ``table``
+    return table.take([at[g] + r - int(starts[g]) for r, g in zip(rows, group_of, strict=True)])

@@ -150,7 +150,12 @@ STORE_FRACTION_WITH_PREFETCH = 0.25
 
 
 DEFAULT_STORE_FRACTION = 0.5  # Ray Data's own default share of the object store for one execution
-BLOCKS_IN_BUDGET = 3  # a rank's store budget holds this many blocks (one being made, one queued, one read)
+# Ranks sharing a node: an execution's budget holds this many blocks. What it holds beyond its
+# budget is counted in blocks — one in each running task's generator, one pulled past the budget,
+# one prefetched by the iterator — so at 3 blocks per budget those alone doubled it and 8 ranks
+# (16 executions while prefetching) filled the store; at 8 they add < 1/2 of it.
+BLOCKS_IN_BUDGET = 8
+MIN_SHARED_BLOCK = 256 * 1024  # a block still holds at least a row (a 384-px pair ≈ 0.3 MB)
 
 
 def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any], store_fraction: float | None = None,
@@ -164,31 +169,91 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
     Args:
         store_fraction: share of the object store this execution may buffer; None = Ray's default.
         local_ranks: training ranks whose executions share this node's object store: each gets
-            ``1/local_ranks`` of the share, and blocks small enough that a few fit in it.
+            ``1/local_ranks`` of the share and of the node's CPUs, blocks small enough that
+            ``BLOCKS_IN_BUDGET`` fit in it, and one block per task generator.
     """
     import ray.data  # why: Ray loads where a dataset is built, not in map tasks that only transform
 
+    _refresh_limits_sooner()
     fs, _ = storage.filesystem(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))  # one item per block → per task
     block = cfg.data.block_mb * 1024**2
+    map_args = _map_args(cfg)
     if local_ranks > 1:
         store_fraction = (store_fraction or DEFAULT_STORE_FRACTION) / local_ranks
-        block = max(1024**2, min(block, int(store_fraction * _node_store_bytes() / BLOCKS_IN_BUDGET)))
+        block = max(MIN_SHARED_BLOCK, min(block, int(store_fraction * _node_store_bytes() / BLOCKS_IN_BUDGET)))
+        map_args = _shared_node_map_args(cfg, map_args, local_ranks)
+        # A running task may leave one finished block for the executor to pull, not Ray Data's 2:
+        # each task's generator buffer is part of the execution's floor (docs/pipeline.md,
+        # "Several ranks on one node").
+        ds.context._max_num_blocks_in_streaming_gen_buffer = SHARED_GEN_BUFFER_BLOCKS
     # Bounds every object in the store: map tasks cut their output at this size.
     ds.context.target_max_block_size = block
     ds.context.override_object_store_memory_limit_fraction = store_fraction
     # Blocks in task order keep the consumer's reorder buffer at one block; the order itself is
     # checked on the consumer, so this is about memory, never about correctness.
     ds.context.execution_options.preserve_order = True
-    return ds.map_batches(fn, batch_size=None, fn_kwargs={**fn_kwargs, "fs": fs}, **_map_args(cfg))
+    return ds.map_batches(fn, batch_size=None, fn_kwargs={**fn_kwargs, "fs": fs}, **map_args)
+
+
+# Blocks a running map task may have finished but not yet handed over, when ranks share a node.
+SHARED_GEN_BUFFER_BLOCKS = 1
+
+
+def _shared_node_map_args(cfg: Config, map_args: dict[str, Any], local_ranks: int) -> dict[str, Any]:
+    """Map arguments of one of ``local_ranks`` executions sharing a node: its part of the CPUs.
+
+    Every execution sees all the node's CPUs, so each would start as many map tasks as the node
+    has CPUs, and each running task holds output blocks in the shared store. Capped at its
+    part of the CPUs (at least one task), the node runs as many tasks as before, and an
+    execution's store use stays near one task's worth. An explicit ``data.map_concurrency`` wins,
+    and with ``data.map_resources`` the tasks run on other nodes, whose CPUs this one cannot tell.
+    """
+    if "concurrency" in map_args or cfg.data.map_resources:
+        return map_args
+    per_rank = _node_cpus() / (cfg.data.num_cpus_per_map * local_ranks)
+    return {**map_args, "concurrency": max(1, int(per_rank))}
+
+
+def _node_resource(name: str) -> float:
+    """Amount of a resource this process's node has (0 if none)."""
+    import ray  # why: Ray loads where a dataset is built, not in map tasks that only transform
+
+    me = ray.get_runtime_context().get_node_id()
+    return float(next(n["Resources"].get(name, 0) for n in ray.nodes() if n["NodeID"] == me))
+
+
+# Seconds between two refreshes of an execution's resource limits (Ray Data's own: 1 s). Ray Data
+# 2.60 learns the CPUs and store an execution may use from its autoscaling coordinator actor, one
+# asynchronous call per refresh, so the first refresh of every execution answers zero and the
+# limits arrive one interval later. Until then every operator's budget is zero and only Ray's
+# liveness rule runs a task (one, when nothing runs): the first second of every epoch ran one map
+# task on a node with CPUs for more (docs/pipeline.md, "Why one operator"). 0.1 s makes that
+# ≈ 0.1 s; the limits, budgets and object-store bounds themselves are unchanged.
+LIMITS_REFRESH_S = 0.1
+
+
+def _refresh_limits_sooner() -> None:
+    """Ray Data's resource limits refresh every ``LIMITS_REFRESH_S`` in this process (0 = leave as is).
+
+    A class attribute of Ray's ResourceManager (not a public setting; absent → nothing changes): it
+    applies to every execution this process starts, the eval datasets included.
+    """
+    from ray.data._internal.execution import resource_manager  # why: as in _item_dataset
+
+    manager = getattr(resource_manager, "ResourceManager", None)
+    if LIMITS_REFRESH_S > 0 and hasattr(manager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S"):
+        manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = LIMITS_REFRESH_S
 
 
 def _node_store_bytes() -> int:
     """Object store capacity of this process's node."""
-    import ray  # why: as in _item_dataset
+    return int(_node_resource("object_store_memory"))
 
-    me = ray.get_runtime_context().get_node_id()
-    return int(next(n["Resources"]["object_store_memory"] for n in ray.nodes() if n["NodeID"] == me))
+
+def _node_cpus() -> float:
+    """CPUs of this process's node."""
+    return _node_resource("CPU")
 
 
 def _map_args(cfg: Config) -> dict[str, Any]:
@@ -290,9 +355,22 @@ def _in_order(blocks: Iterator[dict[str, np.ndarray]], start: int, stop: int, pe
     assert expected == stop and not pending, f"stream ended at sample {expected} of {stop}"
 
 
-def _blocks(dataset, prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """A dataset's output blocks as numpy column dicts, as they come (the consumer orders them)."""
-    return dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+def _blocks(dataset, prefetch_batches: int, detach: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """A dataset's output blocks as numpy column dicts, as they come (the consumer orders them).
+
+    Args:
+        detach: copy each block's arrays out of the object store on arrival. Ray Data's numpy
+            columns are views of the store object, which stays pinned while any row of it waits
+            for its micro-batch (up to a micro-batch of rows per rank, plus queued blocks); a
+            copy frees the store object at once and the rows wait in this process's heap.
+    """
+    blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+    return map(_detached, blocks) if detach else blocks
+
+
+def _detached(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The block with every column copied into this process's memory (no view of the store left)."""
+    return {k: np.array(v, copy=True) for k, v in block.items()}
 
 
 class BlockStream:
@@ -306,15 +384,19 @@ class BlockStream:
 
     _END = object()
 
-    def __init__(self, dataset, prefetch_batches: int, depth: int):
+    def __init__(self, dataset, prefetch_batches: int, depth: int, detach: bool = False):
+        """``detach``: queue copies of the blocks, not views of the store (see :func:`_blocks`)."""
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pull, args=(dataset, prefetch_batches),
+        self._thread = threading.Thread(target=self._pull, args=(dataset, prefetch_batches, detach),
                                         name="mama-next-epoch", daemon=True)
         self._thread.start()
 
-    def _pull(self, dataset, prefetch_batches: int) -> None:
-        blocks = _blocks(dataset, prefetch_batches)
+    def _pull(self, dataset, prefetch_batches: int, detach: bool) -> None:
+        blocks = iter_blocks = dataset.iter_batches(batch_size=None, batch_format="numpy",
+                                                    prefetch_batches=prefetch_batches)
+        if detach:
+            blocks = map(_detached, iter_blocks)
         try:
             for block in blocks:
                 if not self._put(block):
@@ -323,7 +405,7 @@ class BlockStream:
         except Exception as e:  # handed to the consumer, raised there
             self._put(e)
         finally:
-            getattr(blocks, "close", lambda: None)()  # stops the execution if it is still running
+            getattr(iter_blocks, "close", lambda: None)()  # stops the execution if it is still running
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -374,10 +456,12 @@ class TrainBatches:
     """
 
     def __init__(self, dataset, plan: RankPlan, micro_batch_size: int, prefetch_batches: int,
-                 drop_last: bool = True, on_most_received=None, monitor=None):
+                 drop_last: bool = True, on_most_received=None, monitor=None, detach: bool = False):
         """``dataset``: a ``ray.data.Dataset`` or a :class:`BlockStream`; ``on_most_received()`` runs
         once ``PREFETCH_AT`` of the samples have arrived; ``monitor``: a
-        :class:`mama_ray.monitoring.DataMonitor` told of every batch."""
+        :class:`mama_ray.monitoring.DataMonitor` told of every batch; ``detach``: copy blocks out
+        of the object store on arrival (see :func:`_blocks`)."""
+        self._detach = detach
         self.plan = plan
         self.prefetched = isinstance(dataset, BlockStream)
         self.wait_seconds = 0.0
@@ -388,7 +472,7 @@ class TrainBatches:
         self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last, on_most_received)
 
     def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool, on_most_received):
-        blocks = iter(dataset) if self.prefetched else _blocks(dataset, prefetch_batches)
+        blocks = iter(dataset) if self.prefetched else _blocks(dataset, prefetch_batches, self._detach)
         rows = []
         blocks = _on_most_received(blocks, self.plan.num_samples - self.plan.skip, on_most_received)
         for row in _in_order(blocks, self.plan.skip, self.plan.num_samples, self._pending):
@@ -454,13 +538,24 @@ class TrainStream:
                                                     skip_samples, history, self.local_ranks)
         ahead = self.cfg.data.prefetch_next_epoch if prefetch_next is None else prefetch_next
         then = functools.partial(self._prefetch, epoch + 1) if ahead else None
-        return TrainBatches(source, plan, self.cfg.train.micro_batch_size, self.cfg.data.prefetch_batches,
-                            drop_last, then, monitor=DataMonitor(self.cfg.run.name, self.rank, epoch))
+        return TrainBatches(source, plan, self.cfg.train.micro_batch_size, self._store_prefetch(), drop_last, then,
+                            monitor=DataMonitor(self.cfg.run.name, self.rank, epoch), detach=self._shared)
+
+    @property
+    def _shared(self) -> bool:
+        """Whether other ranks' executions share this node's object store."""
+        return self.local_ranks > 1
+
+    def _store_prefetch(self) -> int:
+        """Blocks Ray Data's iterator prefetches in the store: at most one when ranks share a node."""
+        return min(1, self.cfg.data.prefetch_batches) if self._shared else self.cfg.data.prefetch_batches
 
     def _prefetch(self, epoch: int) -> None:
         self.close(0.0)
         dataset, plan = build_train_dataset(self.cfg, epoch, self.rank, self.world_size, local_ranks=self.local_ranks)
-        self._next = (epoch, BlockStream(dataset, self.cfg.data.prefetch_batches, self.cfg.data.prefetch_batches), plan)
+        # Shared node: the queue holds heap copies, so it keeps the configured depth.
+        stream = BlockStream(dataset, self._store_prefetch(), self.cfg.data.prefetch_batches, detach=self._shared)
+        self._next = (epoch, stream, plan)
 
     def _take(self, epoch: int, skip_samples: int, history: tuple) -> tuple[BlockStream, RankPlan] | None:
         nxt, self._next = self._next, None

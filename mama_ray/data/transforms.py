@@ -24,6 +24,8 @@ import math
 import cv2
 import numpy as np
 
+from mama_ray.dicom.pixels import otsu_crop  # the ingest's crop, applied again to each view
+
 RRC_SCALE = (0.1, 1.0)  # RandomResizedCrop area share
 RRC_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range
 JITTER = (0.8, 0.8, 0.8, 0.2)  # brightness, contrast, saturation, hue
@@ -32,21 +34,6 @@ GRAYSCALE_P = 0.2
 BLUR_P = 0.4
 BLUR_KERNEL = 7
 BLUR_SIGMA = (0.1, 2.0)
-
-
-def _check_gray(img: np.ndarray) -> None:
-    if img.ndim != 2 or img.dtype != np.uint8 or min(img.shape) == 0:
-        raise ValueError(f"transforms need a non-empty H×W uint8 grayscale image, got {img.dtype} {img.shape}")
-
-
-def otsu_crop(img: np.ndarray) -> np.ndarray:
-    """Crop to the bounding box of the Otsu foreground; the whole image if there is none."""
-    _check_gray(img)
-    _, mask = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    x, y, w, h = cv2.boundingRect(mask)  # all zeros → (0, 0, 0, 0)
-    if w == 0 or h == 0:
-        return img
-    return img[y : y + h, x : x + w]
 
 
 def resize(img: np.ndarray, size: int) -> np.ndarray:

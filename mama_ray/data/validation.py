@@ -35,21 +35,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from mama_ray import storage
 from mama_ray.config import Config
 from mama_ray.data import captions, transforms
 from mama_ray.data.pipeline import (
     birads_class,
-    caption_fields,
+    caption_fields_from_study,
     caption_tokens,
     density_class,
     shard_paths,
     split_index,
     usable_images,
 )
-from mama_ray.data.shards import decode_image
+from mama_ray.data.shards import decode_image, read_rows
 
 VAL_SALT = 3  # separates the val split's random streams from the training epochs'
 COLUMNS = ["study_id", "split", "procedure", "reason", "age", "race", "ethnicity", "images"]
@@ -83,20 +82,6 @@ def rank_share(cfg: Config, rank: int, world_size: int) -> tuple[range, _Owned]:
     return mine, _Owned(index.files, rows, index.row_groups)
 
 
-def _read_rows(fs, path: str, groups: tuple[int, ...], rows: list[int]) -> list[dict[str, Any]]:
-    """Study rows ``rows`` (row numbers in the file) of one shard, reading only their row groups."""
-    starts = np.cumsum((0, *groups))
-    wanted = sorted({int(np.searchsorted(starts, r, "right")) - 1 for r in rows})
-    with fs.open_input_file(path) as f:
-        table = pq.ParquetFile(f).read_row_groups(wanted, columns=COLUMNS)
-    offsets, off = {}, 0
-    for g in wanted:
-        offsets[g] = off - int(starts[g])
-        off += groups[g]
-    take = [r + offsets[int(np.searchsorted(starts, r, "right")) - 1] for r in rows]
-    return table.take(take).to_pylist()
-
-
 def second_image(rng: np.random.Generator, usable: list[int], first: int, prob: float) -> int:
     """method.md §1.5: another usable image of the study with probability ``prob``, else the same one."""
     others = [i for i in usable if i != first]
@@ -128,7 +113,7 @@ def _study_samples(cfg: Config, study: dict, owned: list[tuple[int, int]]) -> li
         i2 = second_image(np.random.default_rng([cfg.run.seed, VAL_SALT, q]), usable, i1, cfg.data.second_view_prob)
         sid = study["study_id"]
         images = study["images"]
-        out.append(_Sample(q, (sid, i1), (sid, i2), caption_fields(study, images[i1]),
+        out.append(_Sample(q, (sid, i1), (sid, i2), caption_fields_from_study(study, images[i1]),
                            images[i1]["image_id"], images[i2]["image_id"], sid))
     return out
 
@@ -164,7 +149,7 @@ class ValSet:
         with ThreadPoolExecutor(max(1, int(cfg.scaling.cpus_per_worker))) as pool:
             for f, rows in sorted(owned.rows.items()):  # one shard's rows in memory at a time
                 order = sorted(rows)
-                studies = _read_rows(fs, owned.files[f], owned.groups[f], order)
+                studies = read_rows(fs, owned.files[f], owned.groups[f], order, COLUMNS).to_pylist()
                 new = []
                 for row, study in zip(order, studies, strict=True):
                     for s in _study_samples(cfg, study, rows[row]):

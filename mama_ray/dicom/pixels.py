@@ -86,12 +86,18 @@ def to_uint8(raw: np.ndarray, ds: Dataset, scaling: str) -> np.ndarray:
 
 
 def otsu_crop(img: np.ndarray) -> np.ndarray:
-    """Crop to the bounding box of the Otsu foreground (the breast); unchanged if none."""
+    """Crop to the bounding box of the Otsu foreground (the breast); the whole image if there is none.
+
+    The one implementation: ingest crops stored images with it, and the training and eval
+    transforms (``mama_ray.data.transforms``) crop each view with it again.
+    """
+    if img.ndim != 2 or img.dtype != np.uint8 or min(img.shape) == 0:
+        raise ValueError(f"otsu_crop needs a non-empty H×W uint8 grayscale image, got {img.dtype} {img.shape}")
     _, mask = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
+    x, y, w, h = cv2.boundingRect(mask)  # the box of the non-zero pixels; all zeros → (0, 0, 0, 0)
+    if w == 0 or h == 0:
         return img
-    return img[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    return img[y : y + h, x : x + w]
 
 
 def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mama_ray.config import ConfigError, EvalConfig
+from mama_ray.config import EvalConfig, check_probe_schedule
 from mama_ray.data.transforms import to_rgb_chw, train_transform
 from mama_ray.eval.inference import device
 from mama_ray.eval_metrics import classification_metrics
@@ -60,12 +60,6 @@ def probe_lr(step: int, ecfg: EvalConfig) -> float:
     return lr_at(step, ecfg.probe_lr, ecfg.probe_min_lr, ecfg.probe_warmup_steps, ecfg.probe_steps)
 
 
-def _check(ecfg: EvalConfig) -> None:
-    if ecfg.probe_warmup_steps > ecfg.probe_steps:
-        raise ConfigError(f"config field 'eval.probe_warmup_steps': {ecfg.probe_warmup_steps} "
-                          f"exceeds eval.probe_steps={ecfg.probe_steps}")
-
-
 def train_classifier(
     forward: Callable[[np.ndarray], torch.Tensor],
     params: list[nn.Parameter],
@@ -84,7 +78,7 @@ def train_classifier(
     Returns:
         the loss of every step.
     """
-    _check(ecfg)
+    check_probe_schedule(ecfg)
     weights = torch.as_tensor(balanced_weights(labels))
     targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)

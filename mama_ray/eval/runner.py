@@ -9,13 +9,12 @@ the pretraining job calls at its end. Pictures are :mod:`mama_ray.eval.plots`, w
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from mama_ray import storage
-from mama_ray.config import Config
+from mama_ray.config import Config, ConfigError
 from mama_ray.data.pipeline import READ_COLUMNS, eval_batch, shard_paths
+from mama_ray.data.shards import iter_row_groups
 from mama_ray.eval import probe
 from mama_ray.eval.attention import attention_pngs
 from mama_ray.eval.inference import infer_split, split_labels
@@ -90,11 +89,10 @@ def first_eval_rows(cfg: Config, n: int) -> dict[str, np.ndarray]:
     """The first ``n`` evaluation rows of the split in shard order, made in this process by the
     pipeline's own map function (a handful of images needs no cluster)."""
     fs, files = shard_paths(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
-    parts, count = [], 0
+    parts, count, size = [], 0, cfg.data.map_batch_size
     for path in files:
-        with fs.open_input_file(path) as f:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=cfg.data.map_batch_size, columns=READ_COLUMNS):
-                table = pa.Table.from_batches([rb])
+        for group in iter_row_groups(fs, path, READ_COLUMNS):
+            for table in (group.slice(i, size) for i in range(0, group.num_rows, size)):
                 batch = eval_batch(table.filter(pc.equal(table["split"], cfg.eval.split)), cfg)
                 parts.append(batch)
                 count += len(batch["image_id"])
@@ -114,10 +112,11 @@ def attention(cfg: Config, checkpoint_uri: str) -> tuple[dict, dict[str, bytes]]
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
-    """``tasks`` if every one is known; ValueError listing the valid ones otherwise."""
+    """``tasks`` if every one is known; else a ConfigError listing the valid ones (``--tasks`` is an
+    argument of the job, not a config field: the message names the tasks, no field)."""
     unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown or not tasks:
-        raise ValueError(f"evaluation tasks {unknown or tasks}: choose from {', '.join(ALL_TASKS)}")
+        raise ConfigError(f"evaluation tasks {unknown or tasks}: choose from {', '.join(ALL_TASKS)}")
     return list(tasks)
 
 

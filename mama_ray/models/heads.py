@@ -90,15 +90,26 @@ class SentenceBatchNorm(nn.BatchNorm1d):
         self.num_batches_tracked.add_(k)
 
 
-class LocalImageHead(nn.Module):
+class _LocalMLP(nn.Module):
+    """The layers both local heads share: Linear C→H, BatchNorm, Linear H→E′, BatchNorm without affine.
+
+    Built in this order (fc1, bn1, fc2, bn2), which fixes the parameter names and the order the
+    random initialisation draws them in.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, norm: type[nn.Module]):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.bn1 = norm(hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+        self.bn2 = norm(out_dim, affine=False)
+
+
+class LocalImageHead(_LocalMLP):
     """Per-patch MLP C→H→E′ with BatchNorm over all patches of the batch; L2-normalised output."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.bn1 = Float32BatchNorm1d(hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
-        self.bn2 = Float32BatchNorm1d(out_dim, affine=False)
+        super().__init__(in_dim, hidden, out_dim, Float32BatchNorm1d)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:  # B×P×C → B×P×E′
         b, p, _ = patches.shape
@@ -107,15 +118,11 @@ class LocalImageHead(nn.Module):
         return F.normalize(x, dim=-1)
 
 
-class LocalTextHead(nn.Module):
+class LocalTextHead(_LocalMLP):
     """Per-sentence MLP C→H→E′ with per-caption BatchNorm; L2-normalised, padded slots zero."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.bn1 = SentenceBatchNorm(hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
-        self.bn2 = SentenceBatchNorm(out_dim, affine=False)
+        super().__init__(in_dim, hidden, out_dim, SentenceBatchNorm)
 
     def forward(self, sent: torch.Tensor, sent_mask: torch.Tensor) -> torch.Tensor:  # B×M×C → B×M×E′
         x = F.relu(self.bn1(self.fc1(sent), sent_mask))

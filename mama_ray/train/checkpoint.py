@@ -18,7 +18,9 @@ The file names, :class:`TrainState` and reading a checkpoint back without DeepSp
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -127,9 +129,9 @@ def restore(folder: str | Path, *, engine, rank: int, world_size: int) -> TrainS
     """Load DeepSpeed state, this rank's RNG and data position from a local checkpoint folder.
 
     At another world size than the checkpoint's (elastic resume) the model and the optimizer come
-    along — ZeRO-1/2 partitions are merged and re-cut for the new ranks — and the epoch continues
-    from the position the whole cluster reached: the segment that ran is added to
-    ``epoch_history`` and the data source plans what it left among the new ranks.
+    along — ZeRO partitions (under ZeRO-3 the weights' too) are merged and re-cut for the new
+    ranks — and the epoch continues from the position the whole cluster reached: the segment that
+    ran is added to ``epoch_history`` and the data source plans what it left among the new ranks.
     """
     folder = Path(folder)
     state = read_train_state(folder)
@@ -179,12 +181,13 @@ def _load_engine_elastic(engine, folder: Path, old_world: int) -> None:
 
     DeepSpeed loads the module (every rank's copy is whole under ZeRO-0/1/2); ZeRO-1/2 optimizer
     partitions (fp32 master weights, Adam moments) are merged from all old ranks' files and cut
-    again the way this engine partitions them. ZeRO-3 partitions the weights themselves: not supported.
+    again the way this engine partitions them. ZeRO-3 partitions the weights too: see
+    :func:`_load_zero3_elastic`.
     """
     stage = engine.zero_optimization_stage()
     if stage == 3:
-        raise ValueError(f"checkpoint {folder}: written by {old_world} ranks with ZeRO-3, whose weight "
-                         "partitions cannot be re-cut here; resume with the same scaling.num_workers")
+        _load_zero3_elastic(engine, folder / "ds", old_world)
+        return
     if stage == 0:  # nothing partitioned: DeepSpeed loads it at any world size
         _load_engine(engine, folder)
         return
@@ -222,6 +225,85 @@ def _reshard_zero_optimizer(zero, tag_dir: Path, old_world: int) -> None:
                   if torch.is_tensor(value) and value.dim() > 0 else value)
             for key, value in saved[0].items()}
     getattr(zero, "_link_all_hp_params", lambda: None)()
+
+
+def _load_zero3_elastic(engine, ds_dir: Path, old_world: int) -> None:
+    """ZeRO-3 state written by ``old_world`` ranks, for this engine: each tensor made whole, then re-cut.
+
+    DeepSpeed's own ``load_checkpoint`` reads only this rank's ZeRO-3 file (``zero_pp_rank_<r>``,
+    absent beyond the old world size) and refuses another world size; its universal checkpoint
+    needs a converted copy on disk (per node) and ``checkpoint.load_universal`` set before the
+    engine is built, and restores neither buffers nor frozen weights. So, in memory: DeepSpeed's
+    ``zero_to_fp32`` rebuilds the whole fp32 module (trained weights from the fp32 master
+    partitions, frozen ones, buffers), which the engine loads the way its own ZeRO-3 load does
+    (gathered, set, partitioned again); the masters and Adam moments, rebuilt per parameter from
+    the same layout, are cut into this rank's flat sub-groups as DeepSpeed's universal load cuts
+    them (``load_hp_checkpoint_state``: slice r of each parameter, zero-padded).
+    """
+    import sys
+
+    # why: deepspeed reads DS_ACCELERATOR on first import and must not load on the driver (docs/pitfalls.md)
+    import torch.distributed as dist
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints its progress; stdout is for results
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+    zero = engine.optimizer
+    zero.checkpoint_event_prologue()  # every parameter partitioned, the persistent small ones too
+    engine.load_module_state_dict({"module": weights}, strict=True, fetch_z3_params=True)
+    whole, scalars = _zero3_saved_optimizer(ds_dir / DS_TAG, old_world)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    rank = dist.get_rank(group=zero.dp_process_group)
+    for params, flat in zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat, strict=True):
+        assert sum(p.ds_tensor.ds_numel for p in params) == flat.numel()
+
+        def mine(key: str, params=params, flat=flat) -> torch.Tensor:  # this rank's flat sub-group of ``key``
+            cut = [_my_part([whole[key][names[id(p)]]], rank, p.ds_tensor.ds_numel) for p in params]
+            return torch.cat(cut).to(flat.device)
+
+        flat.data.copy_(mine("fp32"))
+        # a step tensor of its own per sub-group: AdamW increments it in place
+        step_etc = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
+        zero.optimizer.state[flat] = {**step_etc, **{k: mine(k) for k in whole if k != "fp32"}}
+    zero.checkpoint_event_epilogue()  # persistent parameters gathered again from their new partitions
+
+
+def _zero3_saved_optimizer(tag_dir: Path, old_world: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Whole fp32 masters and Adam moments by parameter name, and the per-group scalars (Adam's step)."""
+    # why: deepspeed reads DS_ACCELERATOR on first import and must not load on the driver (docs/pitfalls.md)
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM_SHAPES
+
+    def load(rank: int, kind: str) -> dict[str, Any]:
+        files = sorted(tag_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_{kind}.pt"))
+        if len(files) != 1:
+            raise ValueError(f"checkpoint {tag_dir}: no single ZeRO-3 {kind} file of old rank {rank}")
+        return torch.load(files[0], map_location="cpu", weights_only=False)
+
+    shapes = load(0, "model_states")[PARAM_SHAPES]  # per sub-group: name → shape, in partition order
+    parts = [load(i, "optim_states")[OPTIMIZER_STATE_DICT] for i in range(old_world)]
+    states = [p[OPTIMIZER_STATE_DICT]["state"] for p in parts]  # sub-group index → exp_avg, exp_avg_sq, step
+    moments = [k for k, v in states[0][0].items() if torch.is_tensor(v) and v.dim() > 0]
+    whole = {"fp32": _zero3_whole([p[FP32_FLAT_GROUPS] for p in parts], shapes)}
+    whole.update({k: _zero3_whole([[s[g][k] for g in range(len(shapes))] for s in states], shapes) for k in moments})
+    return whole, {k: v for k, v in states[0][0].items() if k not in moments}
+
+
+def _zero3_whole(flats: list[list[torch.Tensor]], shapes: list[dict[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    """Whole tensors from ZeRO-3 flat partitions (the layout ``zero_to_fp32`` reads for stage 3).
+
+    ``flats[r][g]`` is old rank r's flat sub-group g: for each parameter of ``shapes[g]`` in order,
+    elements ``[r·n, (r+1)·n)`` of it flattened, n = ceil(numel / old ranks), zero-padded at the end.
+    """
+    world, out = len(flats), {}
+    for g, group in enumerate(shapes):
+        offset = 0
+        for name, shape in group.items():
+            numel = math.prod(shape)
+            n = -(-numel // world)
+            out[name] = torch.cat([f[g][offset : offset + n] for f in flats])[:numel]
+            offset += n
+        assert offset == flats[0][g].numel(), (g, offset, flats[0][g].numel())
+    return out
 
 
 def _lean_group_state(base_state, group: int, padding: int) -> dict[str, Any]:

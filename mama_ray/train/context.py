@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mama_ray import storage
+from mama_ray.runtime import ensure_deepspeed_accelerator
 
 
 class TrainContext:
@@ -111,7 +112,7 @@ class LocalContext(TrainContext):
         self.checkpoints: list[Path] = sorted(self.root.glob("checkpoint_*"))
 
     def __enter__(self) -> LocalContext:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        ensure_deepspeed_accelerator(use_gpu=False)  # one process on the CPU (tests, benchmarks)
         if not torch.distributed.is_initialized():
             port = free_port()
             for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",

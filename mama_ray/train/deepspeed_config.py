@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mama_ray.config import Config, ConfigError
+from mama_ray.config import Config
 
 
 def resolve_precision(cfg: Config, on_gpu: bool) -> str:
@@ -25,9 +25,7 @@ def _zero_section(cfg: Config, on_gpu: bool) -> dict[str, Any]:
     if ds.zero_stage >= 1:
         # overlap_comm needs CUDA streams; on CPU it only adds buffer copies.
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu)
-    if ds.offload_optimizer:
-        if ds.zero_stage == 0:
-            raise ConfigError("config field 'deepspeed.offload_optimizer': needs deepspeed.zero_stage >= 1")
+    if ds.offload_optimizer:  # config.validate refuses it at stage 0
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}

@@ -23,7 +23,7 @@ from mama_ray.config import Config
 from mama_ray.data.pipeline import shard_paths
 from mama_ray.data.stream import TrainStream
 from mama_ray.data.validation import ValSet
-from mama_ray.runtime import setup_logging
+from mama_ray.runtime import ensure_deepspeed_accelerator, setup_logging
 from mama_ray.train.context import RayTrainContext
 from mama_ray.train.failure import mama_torch_trainer_class
 from mama_ray.train.loop import train_loop
@@ -82,8 +82,7 @@ def train_func(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress line is the one to read
-    if not cfg.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
+    ensure_deepspeed_accelerator(cfg.scaling.use_gpu)
 
     ctx = RayTrainContext(config.get("resume_from", ""), storage.StorageOptions.from_config(cfg.storage))
     data = (config.get("data_factory") or PipelineSource)(cfg, ctx.rank, ctx.world_size)
@@ -110,15 +109,6 @@ def _scaling(cfg: Config):
     return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
 
 
-def check_supported(cfg: Config) -> None:
-    """Settings the config can express but this trainer cannot honour fail here, naming the field."""
-    if not cfg.loss.sync_local_heads:
-        raise config_mod.ConfigError(
-            "config field 'loss.sync_local_heads': false (per-rank local heads, as the original most likely "
-            "trained) is not supported: DeepSpeed averages every gradient and ZeRO partitions optimizer "
-            "state across ranks, so no rank can keep its own copy of some weights")
-
-
 def check_data(cfg: Config) -> None:
     """A ``data.shards`` location that holds no shards fails here, before Ray starts (exit 2)."""
     if not cfg.data.shards:
@@ -128,8 +118,8 @@ def check_data(cfg: Config) -> None:
         shard_paths(cfg.data.shards, storage.StorageOptions.from_config(cfg.storage))
     except (ValueError, FileNotFoundError) as e:
         raise config_mod.ConfigError(
-            f"config field 'data.shards': no shards at {cfg.data.shards} ({e}); point it at the output "
-            "of jobs/prepare_data.py, or leave it empty for the synthetic default set") from None
+            f"no shards at {cfg.data.shards} ({e}); point it at the output "
+            "of jobs/prepare_data.py, or leave it empty for the synthetic default set", "data.shards") from None
 
 
 def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None = None,
@@ -148,7 +138,6 @@ def build_trainer(cfg: Config, *, resume_from: str = "", callbacks: list | None 
     Returns:
         A ``ray.train.torch.TorchTrainer``; ``.fit()`` (in this process) runs it.
     """
-    check_supported(cfg)
     # A worker holds one report until the next poll, so Ray's 2 s default throttles every run that
     # reports more often than that (docs/benchmarks.md, "Training overhead").
     os.environ[POLL_ENV] = str(cfg.train.report_poll_s)

@@ -21,13 +21,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from mama_ray import layout, monitoring
-from mama_ray.config import Config
+from mama_ray.config import Config, stop_step
 from mama_ray.data.tokenizer import load_tokenizer
 from mama_ray.losses import MamaObjective
 from mama_ray.models import build_model as default_build
@@ -46,7 +46,7 @@ from mama_ray.train.metrics import (
     utilisation,
 )
 from mama_ray.train.optim import build_optimizer, group_lr, set_learning_rates
-from mama_ray.train.validate import Validation
+from mama_ray.train.validate import Validation, is_val_step
 
 Batch = dict[str, Any]
 
@@ -189,9 +189,23 @@ def _gather_data_states(state: layout.TrainState, world_size: int) -> list[dict[
     return out
 
 
-def stop_step(cfg: Config) -> int:
-    s = cfg.train.stop_at_step
-    return s if 0 < s < cfg.train.max_steps else cfg.train.max_steps
+class Due(NamedTuple):
+    """What the loop does after an optimizer step (see :func:`report_due`)."""
+
+    report: bool  # report metrics (every log, checkpoint and validation step)
+    checkpoint: bool  # save and report a checkpoint
+    validate: bool  # validate first; its metrics join the report
+
+
+def report_due(cfg: Config, step: int, stop: int, validates: bool = True) -> Due:
+    """The report cadence, in one place: after optimizer step ``step`` (counted from 1) of a launch
+    ending at ``stop``, a report every ``train.log_every`` steps, a checkpoint every
+    ``train.checkpoint_every`` steps and at ``stop``, a validation (when the run ``validates``) at
+    the steps of :func:`~mama_ray.train.validate.is_val_step`; checkpoints and validations are
+    reported too. ``mama_ray.sweep.report_count`` counts these reports for ASHA."""
+    checkpoint = step % cfg.train.checkpoint_every == 0 or step == stop
+    validate = validates and is_val_step(cfg, step, stop)
+    return Due(checkpoint or validate or step % cfg.train.log_every == 0, checkpoint, validate)
 
 
 def train_loop(cfg: Config, ctx: TrainContext, data: BatchSource, *, run_uri: str = "",
@@ -292,16 +306,15 @@ def check_finite(meter: StepMeter, state: layout.TrainState, world_size: int) ->
 def _maybe_report(cfg, ctx, reporter, meter, state, out1, stop, engine, model, tokenizer,
                   validation=None) -> dict | None:
     """Report metrics on log and validation steps and a checkpoint on checkpoint steps and at the end."""
-    do_ckpt = state.step % cfg.train.checkpoint_every == 0 or state.step == stop
-    do_val = validation is not None and validation.due(state.step, stop)
-    if not do_ckpt and not do_val and state.step % cfg.train.log_every:
+    due = report_due(cfg, state.step, stop, validates=validation is not None)
+    if not due.report:
         return None
     check_finite(meter, state, ctx.world_size)
     m = reporter.metrics(meter, state, out1)
-    if do_val:
+    if due.validate:
         m.update(validation.run(engine, model, tokenizer, state))
     meter.reset()  # after validation: the next window times training only
-    if not do_ckpt:
+    if not due.checkpoint:
         reporter.publish(m, state, None)
         return m
     state.data_states = _gather_data_states(state, ctx.world_size)

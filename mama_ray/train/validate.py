@@ -120,9 +120,6 @@ class Validation:
             return None
         return cls(cfg, ctx, source, tokenizer, run_uri)
 
-    def due(self, step: int, stop: int) -> bool:
-        return is_val_step(self.cfg, step, stop)
-
     def run(self, engine, model, tokenizer, state) -> dict[str, float]:
         """Validate after ``state.step`` steps and keep the best checkpoint; collective (all ranks)."""
         metrics = self.evaluate(engine, model, state.step)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from mama_ray.runtime import (
     EXIT_OK,
     EXIT_USAGE,
     JOB_CONFIG_ENV,
+    ensure_deepspeed_accelerator,
     forwarded_env,
     run_main,
 )
@@ -64,3 +67,24 @@ def test_run_main_line_buffers_piped_output():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_deepspeed_accelerator_is_cpu_without_gpus_and_a_set_value_wins(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    ensure_deepspeed_accelerator(use_gpu=True)
+    assert "DS_ACCELERATOR" not in os.environ  # GPU runs let DeepSpeed detect CUDA
+    ensure_deepspeed_accelerator(use_gpu=False)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    ensure_deepspeed_accelerator(use_gpu=False)
+    assert os.environ["DS_ACCELERATOR"] == "cuda"
+
+
+def test_deepspeed_accelerator_is_set_in_one_place():
+    """The launcher, the local context and the pretrain job all go through runtime's function."""
+    root = Path(__file__).resolve().parents[2]
+    setters = sorted(str(p.relative_to(root)) for d in ("mama_ray", "jobs", "tune") for p in (root / d).rglob("*.py")
+                     if '"DS_ACCELERATOR"' in p.read_text())
+    assert setters == ["mama_ray/runtime.py"]
+    for user in ("mama_ray/train/launch.py", "mama_ray/train/context.py", "jobs/pretrain.py"):
+        assert "ensure_deepspeed_accelerator(" in (root / user).read_text(), user

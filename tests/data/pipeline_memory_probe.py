@@ -47,7 +47,7 @@ def write_shards(root: Path, n_studies: int) -> int:
 
 
 class Sampler(threading.Thread):
-    """Polls the object store and this process's RSS every 50 ms; keeps the peaks."""
+    """Polls the object store (bytes used, primary copies) and this process's RSS every 50 ms; keeps the peaks."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -55,7 +55,7 @@ class Sampler(threading.Thread):
         from ray._private.internal_api import get_state_from_address
 
         self.state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        self.peak_store = self.peak_rss = self.spilled = self.created = 0
+        self.peak_store = self.peak_primary = self.peak_rss = self.spilled = self.created = 0
         self.stop = threading.Event()
 
     def sample(self) -> None:
@@ -63,6 +63,9 @@ class Sampler(threading.Thread):
 
         stats = get_memory_info_reply(self.state).store_stats
         self.peak_store = max(self.peak_store, stats.object_store_bytes_used)
+        # Primary copies are what the raylet spills (above 80 % of the store); bytes used also count
+        # objects already freed, which the raylet deletes in batches (about once a second).
+        self.peak_primary = max(self.peak_primary, stats.object_store_bytes_primary_copy)
         self.spilled, self.created = stats.spilled_bytes_total, stats.cumulative_created_bytes
         self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
 
@@ -112,7 +115,8 @@ def main(work: Path, store_mb: int, n_studies: int, ranks: int) -> None:
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
     print(json.dumps({"data_bytes": data_bytes, "store_limit": store_mb * 1024**2, "samples": samples,
-                      "peak_store": sampler.peak_store, "spilled": sampler.spilled,
+                      "peak_store": sampler.peak_store,
+                      "peak_primary": sampler.peak_primary, "spilled": sampler.spilled,
                       "created": sampler.created, "rss_before": rss_before, "peak_rss": sampler.peak_rss}))
 
 

@@ -98,3 +98,18 @@ def test_load_tables_reads_embed_files_and_names_missing_columns(tmp_path):
     t.metadata.drop(columns=["ViewPosition"]).to_csv(tmp_path / "EMBED_OpenData_metadata_reduced_train.csv", index=False)
     with pytest.raises(ValueError, match="ViewPosition"):
         load_tables(str(tmp_path))
+
+
+def test_caption_fields_from_tables_and_from_a_study_row_agree():
+    """Two builders, each named by what it reads: EMBED table rows (ingest) and a shard's study row."""
+    from mama_ray.data import embed, samples
+
+    assert not hasattr(embed, "caption_fields") and not hasattr(samples, "caption_fields")  # no shared name
+    t = _tables()
+    meta, clin = t.metadata.iloc[0].to_dict(), t.clinical.iloc[0].to_dict()
+    f = embed.caption_fields_from_tables(meta, clin, {("massshape", "X"): "irregular"})
+    assert (f.procedure, f.reason, f.age, f.laterality, f.view, f.birads, f.density, f.mass_shape) == (
+        "MG Screening Bilateral", "screening", 61, "L", "CC", "S", 3, "irregular")
+    study = {k: getattr(f, k) for k in samples.STUDY_CAPTION_FIELDS}  # the shard keeps these per study
+    image = {k: getattr(f, k) for k in samples.CAPTION_FIELDS if k not in samples.STUDY_CAPTION_FIELDS}
+    assert samples.caption_fields_from_study(study, image) == f

@@ -248,7 +248,7 @@ def test_eval_dataset_is_unmasked_one_row_per_image(ray_session, shard_set, trut
     for r in rows:
         study = truth["studies"][r["study_id"]]
         img = next(x for x in study["images"] if x["image_id"] == r["image_id"])
-        fields = pipeline.caption_fields(study, img)
+        fields = pipeline.caption_fields_from_study(study, img)
         assert pipeline.eval_caption_fields(r) == fields
         tokens = pipeline.caption_tokens(cfg, [captions.to_model_text(captions.caption_text(fields))])
         assert np.array_equal(r["input_ids"], tokens["input_ids"][0])  # nothing masked
@@ -322,3 +322,19 @@ def test_elastic_resume_plans_what_two_ranks_left_among_four(ray_session, shard_
     assert n - len(done) - len(rest) <= 4 * MBS  # what is left comes back but for one global batch
     offset = 2 * consumed  # positions continue after what the 2 ranks consumed
     assert sorted(int(r["epoch_position"]) for run in runs for r in run) == list(range(offset, offset + len(rest)))
+
+
+def test_building_a_dataset_makes_ray_data_refresh_its_limits_every_tenth_of_a_second(ray_session, shard_set):
+    """Ray Data reads an execution's limits from its coordinator at most once per this interval, and
+    the first read answers zero: at Ray's 1 s a new execution ran one map task for its first second
+    (docs/pipeline.md, "What held the second map task back"). The attribute must still exist: if a
+    Ray upgrade removes it, the stream silently leaves Ray's interval alone."""
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 1  # Ray 2.60's own
+    try:
+        pipeline.build_eval_dataset(make_cfg(str(shard_set[0])), "val")
+        assert stream.LIMITS_REFRESH_S == 0.1
+        assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1
+    finally:
+        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = stream.LIMITS_REFRESH_S

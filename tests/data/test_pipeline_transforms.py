@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -23,6 +24,31 @@ def test_otsu_crop_finds_the_bright_rectangle():
 def test_otsu_crop_keeps_a_flat_image_whole():
     img = np.full((12, 9), 0, np.uint8)
     assert transforms.otsu_crop(img).shape == (12, 9)
+
+
+def _nonzero_box_crop(img):
+    """The ingest's former crop (np.nonzero box of the Otsu mask), kept here as the reference."""
+    _, mask = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ys, xs = np.nonzero(mask)
+    return img if ys.size == 0 else img[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+
+
+def test_one_otsu_crop_serves_ingest_and_transforms():
+    """Ingest (dicom.pixels) and the view transforms crop with one function, bit for bit as before."""
+    from mama_ray.dicom import pixels
+
+    assert transforms.otsu_crop is pixels.otsu_crop
+    rng = _rng(3)
+    img = rng.integers(0, 30, (50, 40)).astype(np.uint8)  # dark noisy background
+    yy, xx = np.mgrid[:50, :40]
+    img[((yy - 30) / 12) ** 2 + ((xx - 15) / 9) ** 2 <= 1] = 180  # an ellipse: rows 18..42, cols 6..24
+    assert pixels.otsu_crop(img).shape == (25, 19)
+    np.testing.assert_array_equal(pixels.otsu_crop(img), img[18:43, 6:25])
+    for seed in range(20):  # random images, flat ones included: the same array as the old ingest crop
+        r = _rng(seed)
+        x = (r.integers(0, 256, (int(r.integers(1, 30)), int(r.integers(1, 30)))) * (seed % 5 != 0)).astype(np.uint8)
+        np.testing.assert_array_equal(pixels.otsu_crop(x), _nonzero_box_crop(x))
+    np.testing.assert_array_equal(transforms.eval_transform(img, 16), transforms.resize(img[18:43, 6:25], 16))
 
 
 def test_transforms_reject_colour_images():

@@ -50,3 +50,34 @@ def test_utilisation_from_the_flop_model():
     assert u["tflop_per_pair"] == early / 1e12  # ≈ 2.38 TFLOP per pair before the late step
     assert u["mfu"] == pytest.approx(100.0 * early / 989e12)  # 100 pairs/s per GPU
     assert utilisation(cfg, 8000, 400.0, 4, 989.0)["tflop_per_pair"] == late / 1e12 > early / 1e12
+
+
+CADENCE = {"train.max_steps": 10, "train.log_every": 3, "train.checkpoint_every": 4, "train.val_every": 5,
+           "optim.warmup_steps": 2}
+
+
+@pytest.mark.parametrize(("validates", "reports", "checkpoints", "validations"), [
+    (True, [3, 4, 5, 6, 8, 9, 10], [4, 8, 10], [5, 10]),  # log 3 6 9, checkpoint 4 8 + last, val 5 + last
+    (False, [3, 4, 6, 8, 9, 10], [4, 8, 10], []),
+])
+def test_report_cadence_by_hand(validates, reports, checkpoints, validations):
+    from mama_ray.train.loop import report_due
+
+    cfg = config.load("tiny_cpu", CADENCE)
+    due = {s: report_due(cfg, s, 10, validates) for s in range(1, 11)}
+    assert [s for s, d in due.items() if d.report] == reports
+    assert [s for s, d in due.items() if d.checkpoint] == checkpoints
+    assert [s for s, d in due.items() if d.validate] == validations
+
+
+def test_loop_and_sweep_share_the_cadence(tmp_path, kit):
+    """The loop reports exactly at report_due's steps, and report_count (ASHA's max_t) counts them."""
+    from mama_ray.sweep import report_count
+    from mama_ray.train.loop import report_due
+
+    cfg = kit.tiny_cfg(**{"train.max_steps": 5, "train.log_every": 2, "train.checkpoint_every": 4,
+                          "train.val_every": 0})
+    ctx = kit.run_local(cfg, tmp_path)
+    assert [int(r["step"]) for r in ctx.reports] == [2, 4, 5]  # log 2 4, checkpoint 4, last 5
+    assert [s for s in range(1, 6) if report_due(cfg, s, 5, validates=False).report] == [2, 4, 5]
+    assert report_count(cfg) == len(ctx.reports)

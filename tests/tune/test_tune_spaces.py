@@ -7,12 +7,11 @@ import pytest
 from ray import tune
 
 from mama_ray import config
-from mama_ray.config import ConfigError
+from mama_ray.config import ConfigError, check_tune_settings
 from mama_ray.sweep import (
     best_config,
     check_space,
     check_sweep,
-    check_tune_settings,
     csv_table,
     markdown_table,
     rank_rows,
