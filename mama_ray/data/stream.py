@@ -155,7 +155,7 @@ DEFAULT_STORE_FRACTION = 0.5  # Ray Data's own default share of the object store
 # one prefetched by the iterator — so at 3 blocks per budget those alone doubled it and 8 ranks
 # (16 executions while prefetching) filled the store; at 8 they add < 1/2 of it.
 BLOCKS_IN_BUDGET = 8
-MIN_SHARED_BLOCK = 256 * 1024  # a block still holds at least a row (a 384-px pair ≈ 0.3 MB)
+MIN_BLOCK = 256 * 1024  # a block still holds at least a row (a 384-px pair ≈ 0.3 MB)
 
 
 def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any], store_fraction: float | None = None,
@@ -170,7 +170,7 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
         store_fraction: share of the object store this execution may buffer; None = Ray's default.
         local_ranks: training ranks whose executions share this node's object store: each gets
             ``1/local_ranks`` of the share and of the node's CPUs, blocks small enough that
-            ``BLOCKS_IN_BUDGET`` fit in it, and one block per task generator.
+            ``BLOCKS_IN_BUDGET`` fit in it (as for any execution), and one block per task generator.
     """
     import ray.data  # why: Ray loads where a dataset is built, not in map tasks that only transform
 
@@ -181,7 +181,11 @@ def _item_dataset(cfg: Config, items: list[dict], fn, fn_kwargs: dict[str, Any],
     map_args = _map_args(cfg)
     if local_ranks > 1:
         store_fraction = (store_fraction or DEFAULT_STORE_FRACTION) / local_ranks
-        block = max(MIN_SHARED_BLOCK, min(block, int(store_fraction * _node_store_bytes() / BLOCKS_IN_BUDGET)))
+    # Blocks small enough that the execution's floor (counted in blocks: generator buffers, the
+    # executor's pull, the iterator's prefetch) fits its budget; on any real node block_mb wins.
+    budget = (store_fraction or DEFAULT_STORE_FRACTION) * _node_store_bytes()
+    block = max(MIN_BLOCK, min(block, int(budget / BLOCKS_IN_BUDGET)))
+    if local_ranks > 1:
         map_args = _shared_node_map_args(cfg, map_args, local_ranks)
         # A running task may leave one finished block for the executor to pull, not Ray Data's 2:
         # each task's generator buffer is part of the execution's floor (docs/pipeline.md,
