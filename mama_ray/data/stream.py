@@ -213,10 +213,12 @@ def _shared_node_map_args(cfg: Config, map_args: dict[str, Any], local_ranks: in
     execution's store use stays near one task's worth. An explicit ``data.map_concurrency`` wins,
     and with ``data.map_resources`` the tasks run on other nodes, whose CPUs this one cannot tell.
     """
-    if "concurrency" in map_args or cfg.data.map_resources:
+    import ray.data  # why: Ray loads where a dataset is built, not in map tasks that only transform
+
+    if "compute" in map_args or cfg.data.map_resources:
         return map_args
     per_rank = _node_cpus() / (cfg.data.num_cpus_per_map * local_ranks)
-    return {**map_args, "concurrency": max(1, int(per_rank))}
+    return {**map_args, "compute": ray.data.TaskPoolStrategy(size=max(1, int(per_rank)))}
 
 
 def _node_resource(name: str) -> float:
@@ -261,9 +263,11 @@ def _node_cpus() -> float:
 
 
 def _map_args(cfg: Config) -> dict[str, Any]:
+    import ray.data  # why: Ray loads where a dataset is built, not in map tasks that only transform
+
     args: dict[str, Any] = {"num_cpus": cfg.data.num_cpus_per_map, "batch_format": "pyarrow"}
-    if cfg.data.map_concurrency > 0:
-        args["concurrency"] = cfg.data.map_concurrency
+    if cfg.data.map_concurrency > 0:  # `compute`, not `concurrency` (deprecated since Ray 2.51)
+        args["compute"] = ray.data.TaskPoolStrategy(size=cfg.data.map_concurrency)
     if cfg.data.map_resources:
         args["resources"] = dict(cfg.data.map_resources)
     return args
@@ -369,7 +373,14 @@ def _blocks(dataset, prefetch_batches: int, detach: bool = False) -> Iterator[di
             copy frees the store object at once and the rows wait in this process's heap.
     """
     blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
-    return map(_detached, blocks) if detach else blocks
+    try:
+        for block in blocks:
+            yield _detached(block) if detach else block
+    finally:
+        # The consumer stops at the plan's last sample without asking for one more block, so
+        # Ray's iterator would stop its prefetch threads only when garbage-collected; one left
+        # running past ray.shutdown() kills the process ("core worker has already been shutdown").
+        getattr(blocks, "close", lambda: None)()
 
 
 def _detached(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -476,16 +487,19 @@ class TrainBatches:
         self._batches = self._generate(dataset, micro_batch_size, prefetch_batches, drop_last, on_most_received)
 
     def _generate(self, dataset, micro_batch_size: int, prefetch_batches: int, drop_last: bool, on_most_received):
-        blocks = iter(dataset) if self.prefetched else _blocks(dataset, prefetch_batches, self._detach)
+        source = iter(dataset) if self.prefetched else _blocks(dataset, prefetch_batches, self._detach)
         rows = []
-        blocks = _on_most_received(blocks, self.plan.num_samples - self.plan.skip, on_most_received)
-        for row in _in_order(blocks, self.plan.skip, self.plan.num_samples, self._pending):
-            rows.append(row)
-            if len(rows) == micro_batch_size:
+        blocks = _on_most_received(source, self.plan.num_samples - self.plan.skip, on_most_received)
+        try:
+            for row in _in_order(blocks, self.plan.skip, self.plan.num_samples, self._pending):
+                rows.append(row)
+                if len(rows) == micro_batch_size:
+                    yield collate(rows)
+                    rows = []
+            if rows and not drop_last:
                 yield collate(rows)
-                rows = []
-        if rows and not drop_last:
-            yield collate(rows)
+        finally:
+            source.close()  # the execution's threads stop now (see _blocks)
 
     def __iter__(self) -> TrainBatches:
         return self

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,12 @@ def main(work: Path, store_mb: int, n_studies: int, ranks: int) -> None:
     sampler.stop.set()
     sampler.join()
     sampler.sample()
+    # Ray Data's iterator threads of the ranks may still be winding down; one that touches Ray
+    # after ray.shutdown() ends the process with an error ("core worker has already been shutdown").
+    deadline = time.monotonic() + 20
+    for t in threading.enumerate():
+        if t.name in ("Prefetcher", "iter_threaded"):
+            t.join(max(0.0, deadline - time.monotonic()))
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
     print(json.dumps({"data_bytes": data_bytes, "store_limit": store_mb * 1024**2, "samples": samples,
