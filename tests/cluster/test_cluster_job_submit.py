@@ -140,6 +140,18 @@ class Head:
             time.sleep(2.0)
         return state
 
+    def __enter__(self) -> Head:
+        """The node once its dashboard answers; stopped on leaving, also when it never came up."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         _stop_session(self.proc.pid)
         self.proc.wait(timeout=30)
@@ -148,12 +160,8 @@ class Head:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    h = Head(tmp_path_factory.mktemp("head"))
-    try:
-        h.wait_ready()
+    with Head(tmp_path_factory.mktemp("head")) as h:
         yield h
-    finally:
-        h.stop()
 
 
 @pytest.fixture(scope="module")

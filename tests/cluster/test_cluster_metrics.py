@@ -50,13 +50,9 @@ def value(scraped: dict, series: str, **labels: str) -> float | None:
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     # Series every second instead of every 10 s; the Train page's state tracking left to our default.
-    h = Head(tmp_path_factory.mktemp("head"), {"RAY_metrics_report_interval_ms": "1000",
-                                               "RAY_TRAIN_ENABLE_STATE_TRACKING": None})
-    try:
-        h.wait_ready()
+    with Head(tmp_path_factory.mktemp("head"), {"RAY_metrics_report_interval_ms": "1000",
+                                                "RAY_TRAIN_ENABLE_STATE_TRACKING": None}) as h:
         yield h
-    finally:
-        h.stop()
 
 
 @pytest.fixture(scope="module")
