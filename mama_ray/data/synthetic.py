@@ -17,10 +17,10 @@ deterministic by seed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,16 +291,27 @@ def default_root(cfg) -> str:
     return join(os.path.expanduser(cfg.storage.cache_dir), name)
 
 
+def synthetic_key(cfg) -> str:
+    """The default set's pseudonym key: a hash of the set's name (studies, seed, size), not a secret.
+
+    The set is synthetic, so there is nothing to protect; deriving the key makes its pseudonyms,
+    and with them the patient split and the data plan, the same on every machine — a random key
+    per fresh cache made the default run's test split, and its zero-shot numbers, differ by machine.
+    """
+    name = Path(default_root(cfg)).name
+    return hashlib.sha256(f"mama-ray synthetic default set {name}".encode()).hexdigest()
+
+
 def default_key(cfg) -> str:
-    """Path of the default set's pseudonym key, generated (mode 600) with a printed note if missing."""
+    """Path of the default set's pseudonym key file (mode 600, :func:`synthetic_key`), written if missing."""
     path = Path(default_root(cfg)) / "pseudonym.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32) + "\n")
-        print(f"note: generated a pseudonym key for the synthetic default set at {path}; "
-              "a real ingest needs your own key in ingest.pseudonym_key (see docs/ingest.md)", flush=True)
+            f.write(synthetic_key(cfg) + "\n")
+        print(f"note: the synthetic default set's pseudonym key, derived from its seed, is at {path}; "
+              "a real ingest needs your own secret key in ingest.pseudonym_key (see docs/ingest.md)", flush=True)
     return str(path)
 
 
@@ -309,7 +320,7 @@ def ensure_default_shards(cfg) -> str:
 
     A no-op when the set's ``manifest.json`` exists. Needs Ray to be initialised (the ingest is
     the real Ray job). Unless ``ingest.pseudonym_key`` names one, the ids are pseudonymised with
-    a key generated beside the set (:func:`default_key`).
+    the set's derived key, written beside it (:func:`default_key`).
     """
     # why: ingest imports Ray; make_synthetic alone needs no Ray
     from mama_ray.data.ingest import run_ingest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from mama_ray.config import load
 from mama_ray.data.embed import CLINICAL_COLUMNS, CODE_COLUMNS, METADATA_COLUMNS
-from mama_ray.data.synthetic import MG_SOP_CLASS, ensure_default_shards, make_synthetic
+from mama_ray.data.synthetic import MG_SOP_CLASS, default_key, ensure_default_shards, make_synthetic
 from mama_ray.dicom import PixelSettings, read_image
 
 N = 20
@@ -91,11 +92,17 @@ def test_default_shards_are_built_once(ray_session, tmp_path, capsys):
     cfg = load("tiny_cpu", [f"storage.cache_dir={tmp_path}", "data.synthetic_studies=4"])
     shards = ensure_default_shards(cfg)
     assert shards == f"{tmp_path}/synthetic-n4-s42-L128/shards"
-    key = Path(shards).parent / "pseudonym.key"  # generated beside the set, private, with a note
-    assert key.stat().st_mode & 0o777 == 0o600 and f"pseudonym key for the synthetic default set at {key}" in (
+    key = Path(shards).parent / "pseudonym.key"  # written beside the set, private, with a note
+    assert key.stat().st_mode & 0o777 == 0o600 and f"pseudonym key, derived from its seed, is at {key}" in (
         capsys.readouterr().out)
     secret = key.read_text().strip().encode()
-    assert len(secret) == 64 and not any(secret in p.read_bytes() for p in Path(shards).rglob("*") if p.is_file())
+    assert not any(secret in p.read_bytes() for p in Path(shards).rglob("*") if p.is_file())
+    # Derived, not random: SHA-256 of the set's name, so another machine's cache pseudonymises alike
+    assert secret.decode() == hashlib.sha256(b"mama-ray synthetic default set synthetic-n4-s42-L128").hexdigest()
+    elsewhere = load("tiny_cpu", [f"storage.cache_dir={tmp_path / 'other'}", "data.synthetic_studies=4"])
+    assert Path(default_key(elsewhere)).read_text() == key.read_text()
+    reseeded = load("tiny_cpu", [f"storage.cache_dir={tmp_path}", "data.synthetic_studies=4", "run.seed=7"])
+    assert Path(default_key(reseeded)).read_text() != key.read_text()
     manifest = Path(shards) / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     start = time.perf_counter()
