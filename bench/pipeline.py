@@ -77,14 +77,33 @@ def write_shards(root: Path, n_studies: int, long_side: int) -> None:
         pq.write_table(table, root / f"shard-{f:04d}.parquet", compression="zstd", row_group_size=4)
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live descendants so far."""
-    total = 0.0
-    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+# Ray's per-node daemons (raylet, GCS, log monitor, agents): they run for Ray Train whichever
+# loader feeds it, so the CPU table lists them apart from the pipeline's own work.
+RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor", "dashboard", "agent", "monitor.py", "runtime_env")
+
+
+def _role(p: psutil.Process, me: psutil.Process) -> str:
+    if p.pid == me.pid:
+        return "driver"
+    cmd = " ".join(p.cmdline()) or p.name()
+    return "ray daemons" if any(d in cmd for d in RAY_DAEMONS) and "default_worker" not in cmd else "workers"
+
+
+def tree_cpu_seconds() -> dict[str, float]:
+    """User + system CPU seconds so far of this process ("driver") and its live descendants, by role."""
+    me, total = psutil.Process(), {"driver": 0.0, "workers": 0.0, "ray daemons": 0.0}
+    for p in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             t = p.cpu_times()
-            total += t.user + t.system
+            total[_role(p, me)] += t.user + t.system
     return total
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds by role since ``before`` (a :func:`tree_cpu_seconds` reading), plus their "total"."""
+    now = tree_cpu_seconds()
+    spent = {k: now[k] - before[k] for k in now}
+    return {**spent, "total": sum(spent.values())}
 
 
 class PeakPss(threading.Thread):
@@ -112,8 +131,8 @@ class PeakPss(threading.Thread):
         self.join()
 
 
-def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float, float]:
-    """(samples, seconds, peak bytes, data-wait seconds, CPU seconds) of ``epochs`` epochs through Ray."""
+def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float, dict]:
+    """(samples, seconds, peak bytes, data-wait seconds, CPU seconds by role) of ``epochs`` epochs through Ray."""
     import ray
 
     with PeakPss() as mem:
@@ -129,7 +148,7 @@ def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, flo
             it = stream.epoch(epoch, prefetch_next=epoch < epochs)  # no wasted start of epoch E + 1
             samples += sum(len(b["image_id"]) for b in it)
             wait += it.wait_seconds
-        seconds, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu
+        seconds, cpu = time.perf_counter() - start, cpu_since(cpu)
         stream.close()
         ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -161,15 +180,15 @@ class ShardSamples(torch.utils.data.IterableDataset):
                         for q in [self.first[study["study_id"]] + slot]])
 
 
-def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float]:
-    """(samples, seconds, peak bytes, CPU seconds) of ``epochs`` epochs through a DataLoader."""
+def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, dict]:
+    """(samples, seconds, peak bytes, CPU seconds by role) of ``epochs`` epochs through a DataLoader."""
     pipeline.caption_tokens(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
     with PeakPss() as mem:
         loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
                                              prefetch_factor=2, persistent_workers=True)
         cpu, start = tree_cpu_seconds(), time.perf_counter()
         samples = sum(len(b["image_id"]) for _ in range(epochs) for b in loader)
-        seconds, cpu = time.perf_counter() - start, tree_cpu_seconds() - cpu  # workers still alive
+        seconds, cpu = time.perf_counter() - start, cpu_since(cpu)  # workers still alive
     return samples, seconds, mem.peak, cpu
 
 
@@ -198,13 +217,19 @@ def main() -> None:
           f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}; "
           f"Ray worker niceness {os.environ[NICENESS]}; limits refresh {args.limits_refresh} s")
     print("| pipeline | pairs | s | pairs/s | CPU s | pairs/CPU-s | peak PSS MB | note |\n|---|---|---|---|---|---|---|---|")
-    print(f"| Ray Data (TrainStream) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu:.1f} | {r_n / r_cpu:.1f} | "
-          f"{r_mem / 2**20:.0f} | data wait {r_wait:.1f} s |")
-    print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_cpu:.1f} | {d_n / d_cpu:.1f} | "
-          f"{d_mem / 2**20:.0f} | |")
-    print(f"| ratio Ray / DataLoader | | | {(r_n / r_s) / (d_n / d_s):.2f} | | {(r_n / r_cpu) / (d_n / d_cpu):.2f} | "
-          f"{r_mem / d_mem:.2f} | |")
-
+    print(f"| Ray Data (TrainStream) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu['total']:.1f} | "
+          f"{r_n / r_cpu['total']:.1f} | {r_mem / 2**20:.0f} | data wait {r_wait:.1f} s |")
+    print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_cpu['total']:.1f} | "
+          f"{d_n / d_cpu['total']:.1f} | {d_mem / 2**20:.0f} | |")
+    print(f"| ratio Ray / DataLoader | | | {(r_n / r_s) / (d_n / d_s):.2f} | | "
+          f"{(r_n / r_cpu['total']) / (d_n / d_cpu['total']):.2f} | {r_mem / d_mem:.2f} | |")
+    print("\nCPU seconds by process (the same timed part):\n\n| pipeline | driver | workers | Ray daemons | "
+          "pairs/CPU-s without daemons |\n|---|---|---|---|---|")
+    for name, n, cpu in (("Ray Data", r_n, r_cpu), ("DataLoader", d_n, d_cpu)):
+        print(f"| {name} | {cpu['driver']:.2f} | {cpu['workers']:.2f} | {cpu['ray daemons']:.2f} | "
+              f"{n / (cpu['total'] - cpu['ray daemons']):.1f} |")
+    own = (r_n / (r_cpu["total"] - r_cpu["ray daemons"])) / (d_n / d_cpu["total"])
+    print(f"| ratio Ray / DataLoader | | | | {own:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -295,8 +295,8 @@ def synthetic_key(cfg) -> str:
     """The default set's pseudonym key: a hash of the set's name (studies, seed, size), not a secret.
 
     The set is synthetic, so there is nothing to protect; deriving the key makes its pseudonyms,
-    and with them the patient split and the data plan, the same on every machine — a random key
-    per fresh cache made the default run's test split, and its zero-shot numbers, differ by machine.
+    and with them the patient split and the data plan, the same on every machine (a random key
+    per fresh cache gave each machine its own test split).
     """
     name = Path(default_root(cfg)).name
     return hashlib.sha256(f"mama-ray synthetic default set {name}".encode()).hexdigest()
