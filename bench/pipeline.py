@@ -43,7 +43,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch.utils.data  # noqa: E402
 
 from mama_ray.config import Config, load  # noqa: E402
-from mama_ray.data import pipeline  # noqa: E402
+from mama_ray.data import pipeline, samples  # noqa: E402
 from mama_ray.data import stream as data_stream  # noqa: E402
 from mama_ray.data.schema import SHARD_SCHEMA  # noqa: E402
 from mama_ray.data.shards import encode_image  # noqa: E402
@@ -77,21 +77,25 @@ def write_shards(root: Path, n_studies: int, long_side: int) -> None:
         pq.write_table(table, root / f"shard-{f:04d}.parquet", compression="zstd", row_group_size=4)
 
 
-# Ray's per-node daemons (raylet, GCS, log monitor, agents): they run for Ray Train whichever
-# loader feeds it, so the CPU table lists them apart from the pipeline's own work.
-RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor", "dashboard", "agent", "monitor.py", "runtime_env")
+# Ray's per-node daemons (raylet, GCS, log monitor, agents) run for Ray Train whichever loader
+# feeds it; Ray Data's helper actors (stats, autoscaling coordinator) run for Ray Data only. The
+# CPU table lists both apart from the workers that do the per-sample work.
+RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor", "Agent", "dashboard", "monitor.py")
+ROLES = ("driver", "workers", "Ray Data actors", "Ray daemons")
 
 
 def _role(p: psutil.Process, me: psutil.Process) -> str:
     if p.pid == me.pid:
         return "driver"
     cmd = " ".join(p.cmdline()) or p.name()
-    return "ray daemons" if any(d in cmd for d in RAY_DAEMONS) and "default_worker" not in cmd else "workers"
+    if cmd.startswith("ray::_"):  # Ray Data's own actors: ray::_StatsActor, ray::_AutoscalingCoordinatorActor
+        return "Ray Data actors"
+    return "Ray daemons" if any(d in cmd for d in RAY_DAEMONS) else "workers"
 
 
 def tree_cpu_seconds() -> dict[str, float]:
     """User + system CPU seconds so far of this process ("driver") and its live descendants, by role."""
-    me, total = psutil.Process(), {"driver": 0.0, "workers": 0.0, "ray daemons": 0.0}
+    me, total = psutil.Process(), dict.fromkeys(ROLES, 0.0)
     for p in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             t = p.cpu_times()
@@ -99,19 +103,29 @@ def tree_cpu_seconds() -> dict[str, float]:
     return total
 
 
-def cpu_since(before: dict[str, float]) -> dict[str, float]:
-    """CPU seconds by role since ``before`` (a :func:`tree_cpu_seconds` reading), plus their "total"."""
+def cpu_since(before: dict[str, float], sampler: PeakPss, sampler_before: float) -> dict[str, float]:
+    """CPU seconds by role since ``before`` (a :func:`tree_cpu_seconds` reading), plus their "total".
+
+    The memory sampler's CPU since ``sampler_before`` is taken off the driver's: it measures, it
+    is not part of either pipeline.
+    """
     now = tree_cpu_seconds()
     spent = {k: now[k] - before[k] for k in now}
+    spent["driver"] -= sampler.cpu_seconds - sampler_before
     return {**spent, "total": sum(spent.values())}
 
 
 class PeakPss(threading.Thread):
-    """Peak summed PSS of this process tree while running."""
+    """Peak summed PSS of this process tree while running.
+
+    Reading a process's PSS makes the kernel walk its page tables (in this process's system time),
+    and Ray's tree has more processes with more mapped memory (the object store), so the sampler
+    counts its own CPU (``cpu_seconds``) for the timed part to leave it out.
+    """
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self.stop = 0, threading.Event()
+        self.peak, self.stop, self.cpu_seconds = 0, threading.Event(), 0.0
 
     def run(self) -> None:
         me = psutil.Process()
@@ -121,6 +135,7 @@ class PeakPss(threading.Thread):
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):  # exited meanwhile
                     total += p.memory_full_info().pss
             self.peak = max(self.peak, total)
+            self.cpu_seconds = time.thread_time()  # this thread's user + system CPU so far
 
     def __enter__(self) -> PeakPss:
         self.start()
@@ -143,12 +158,13 @@ def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, flo
         # Warm up without a prefetch: a cancelled one's in-flight tasks would hold the CPUs for
         # seconds into the timed epoch.
         list(stream.epoch(0, prefetch_next=False))
-        samples, wait, cpu, start = 0, 0.0, tree_cpu_seconds(), time.perf_counter()
+        samples, wait, start = 0, 0.0, time.perf_counter()
+        cpu, sampled = tree_cpu_seconds(), mem.cpu_seconds
         for epoch in range(1, epochs + 1):
             it = stream.epoch(epoch, prefetch_next=epoch < epochs)  # no wasted start of epoch E + 1
             samples += sum(len(b["image_id"]) for b in it)
             wait += it.wait_seconds
-        seconds, cpu = time.perf_counter() - start, cpu_since(cpu)
+        seconds, cpu = time.perf_counter() - start, cpu_since(cpu, mem, sampled)
         stream.close()
         ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -156,40 +172,51 @@ def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, flo
 
 
 class ShardSamples(torch.utils.data.IterableDataset):
-    """IterableDataset: each DataLoader worker maps its share of the shard files."""
+    """IterableDataset: each DataLoader worker maps its share of the shard files.
 
-    def __init__(self, cfg: Config):
+    Epochs 1, 2, … as the Ray run has them (each worker counts its own ``__iter__`` calls), so both
+    do the same random draws. ``reuse``: one :class:`~mama_ray.data.samples.BaseViews` per study, the
+    reuse the Ray pipeline's map tasks do per window (by default the plain per-sample function).
+    """
+
+    def __init__(self, cfg: Config, reuse: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.reuse, self.epoch = cfg, reuse, 0
         index = pipeline.split_index(cfg, "train")
         ids = [sid for file_ids in index.study_ids for sid in file_ids]
         self.first = dict(zip(ids, index.flat.study_first.tolist(), strict=True))  # study → its first q
         self.fs, self.files = pipeline.shard_paths(cfg.data.shards, StorageOptions())
 
+    def _samples(self, study: dict) -> list[dict]:
+        views = samples.BaseViews(self.cfg.data.image_size, self.cfg.data.view_cache_mb * 2**20 if self.reuse else 0)
+        out = []
+        for slot in range(len(pipeline.usable_images(study))):
+            q = self.first[study["study_id"]] + slot
+            out.append({**pipeline.train_sample(self.cfg, study, slot, self.epoch, q, views),
+                        "sample_index": q, "epoch_position": q, "sample_id": q})
+        return out
+
     def __iter__(self):
+        self.epoch += 1
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for path in self.files[wid::nw]:
             with self.fs.open_input_file(path) as f:
                 for rb in pq.ParquetFile(f).iter_batches(batch_size=4, columns=pipeline.READ_COLUMNS):
                     yield pipeline.train_columns(self.cfg, [
-                        {**pipeline.train_sample(self.cfg, study, slot, 0, q), "sample_index": q,
-                         "epoch_position": q, "sample_id": q}
-                        for study in pa.Table.from_batches([rb]).to_pylist()
-                        for slot in range(len(pipeline.usable_images(study)))
-                        for q in [self.first[study["study_id"]] + slot]])
+                        s for study in pa.Table.from_batches([rb]).to_pylist() for s in self._samples(study)])
 
 
-def run_dataloader(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, dict]:
-    """(samples, seconds, peak bytes, CPU seconds by role) of ``epochs`` epochs through a DataLoader."""
+def run_dataloader(cfg: Config, cpus: int, epochs: int, reuse: bool = False) -> tuple[int, float, float, None, dict]:
+    """(samples, seconds, peak bytes, None (no data-wait figure), CPU seconds by role) of ``epochs`` epochs through a DataLoader."""
     pipeline.caption_tokens(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
     with PeakPss() as mem:
-        loader = torch.utils.data.DataLoader(ShardSamples(cfg), batch_size=None, num_workers=cpus,
+        loader = torch.utils.data.DataLoader(ShardSamples(cfg, reuse), batch_size=None, num_workers=cpus,
                                              prefetch_factor=2, persistent_workers=True)
-        cpu, start = tree_cpu_seconds(), time.perf_counter()
+        cpu, sampled, start = tree_cpu_seconds(), mem.cpu_seconds, time.perf_counter()
         samples = sum(len(b["image_id"]) for _ in range(epochs) for b in loader)
-        seconds, cpu = time.perf_counter() - start, cpu_since(cpu)  # workers still alive
-    return samples, seconds, mem.peak, cpu
+        seconds, cpu = time.perf_counter() - start, cpu_since(cpu, mem, sampled)  # workers still alive
+    return samples, seconds, mem.peak, None, cpu
 
 
 def main() -> None:
@@ -211,25 +238,29 @@ def main() -> None:
         write_shards(Path(tmp) / "shards", args.studies, args.long_side)
         cfg = load("tiny_cpu", {"data.shards": str(Path(tmp) / "shards"), "data.image_size": args.image_size,
                                 "train.micro_batch_size": 8, "data.map_batch_size": 16})
-        r_n, r_s, r_mem, r_wait, r_cpu = run_ray(cfg, args.cpus, args.epochs)
-        d_n, d_s, d_mem, d_cpu = run_dataloader(cfg, args.cpus, args.epochs)
+        runs = {"Ray Data (TrainStream)": run_ray(cfg, args.cpus, args.epochs),
+                f"DataLoader ({args.cpus} workers)": run_dataloader(cfg, args.cpus, args.epochs),
+                "DataLoader + per-study view reuse": run_dataloader(cfg, args.cpus, args.epochs, reuse=True)}
     print(f"{args.studies} studies × 4 images, stored long side {args.long_side}, out {args.image_size}², "
-          f"{args.cpus} CPUs; {args.epochs} epoch(s) ({r_n} pairs); load average {os.getloadavg()[0]:.1f}; "
+          f"{args.cpus} CPUs; {args.epochs} epoch(s); load average {os.getloadavg()[0]:.1f}; "
           f"Ray worker niceness {os.environ[NICENESS]}; limits refresh {args.limits_refresh} s")
-    print("| pipeline | pairs | s | pairs/s | CPU s | pairs/CPU-s | peak PSS MB | note |\n|---|---|---|---|---|---|---|---|")
-    print(f"| Ray Data (TrainStream) | {r_n} | {r_s:.1f} | {r_n / r_s:.2f} | {r_cpu['total']:.1f} | "
-          f"{r_n / r_cpu['total']:.1f} | {r_mem / 2**20:.0f} | data wait {r_wait:.1f} s |")
-    print(f"| DataLoader ({args.cpus} workers) | {d_n} | {d_s:.1f} | {d_n / d_s:.2f} | {d_cpu['total']:.1f} | "
-          f"{d_n / d_cpu['total']:.1f} | {d_mem / 2**20:.0f} | |")
-    print(f"| ratio Ray / DataLoader | | | {(r_n / r_s) / (d_n / d_s):.2f} | | "
-          f"{(r_n / r_cpu['total']) / (d_n / d_cpu['total']):.2f} | {r_mem / d_mem:.2f} | |")
-    print("\nCPU seconds by process (the same timed part):\n\n| pipeline | driver | workers | Ray daemons | "
-          "pairs/CPU-s without daemons |\n|---|---|---|---|---|")
-    for name, n, cpu in (("Ray Data", r_n, r_cpu), ("DataLoader", d_n, d_cpu)):
-        print(f"| {name} | {cpu['driver']:.2f} | {cpu['workers']:.2f} | {cpu['ray daemons']:.2f} | "
-              f"{n / (cpu['total'] - cpu['ray daemons']):.1f} |")
-    own = (r_n / (r_cpu["total"] - r_cpu["ray daemons"])) / (d_n / d_cpu["total"])
-    print(f"| ratio Ray / DataLoader | | | | {own:.2f} |")
+    print(table(runs))
+
+
+def table(runs: dict[str, tuple]) -> str:
+    """Markdown: one row per run (pairs, wall, CPU by process, memory) and each run's ratios to the first."""
+    ray_n, ray_s, ray_mem, _, ray_cpu = next(iter(runs.values()))
+    lines = ["| pipeline | pairs | s | pairs/s | CPU s: driver / workers / Ray Data actors / Ray daemons | "
+             "pairs/CPU-s | Ray ÷ it, pairs/s | Ray ÷ it, pairs/CPU-s | Ray ÷ it, peak PSS | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (n, secs, mem, wait, cpu) in runs.items():
+        split = " / ".join(f"{cpu[r]:.2f}" for r in ROLES)
+        ratios = f"{(ray_n / ray_s) / (n / secs):.2f} | {(ray_n / ray_cpu['total']) / (n / cpu['total']):.2f} | " \
+                 f"{ray_mem / mem:.2f}"
+        note = f"data wait {wait:.1f} s, peak PSS {mem / 2**20:.0f} MB" if wait is not None else f"peak PSS {mem / 2**20:.0f} MB"
+        lines.append(f"| {name} | {n} | {secs:.1f} | {n / secs:.1f} | {split} | {n / cpu['total']:.1f} | {ratios} | {note} |")
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

@@ -91,6 +91,7 @@ class DataConfig:
     plan_window: int = 512  # samples per ordering window of a rank (at least; one map task reads and emits one)
     augment: bool = True  # SimCLR-style train augmentation (method.md §1.6); false = eval transform
     map_batch_size: int = 16  # samples per Ray Data map_batches call
+    view_cache_mb: int = 256  # per map task: decoded, cropped, resized images kept for their study's other pairs (0 = none)
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves
     map_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each preprocessing task reserves, e.g. {ingest_cpu: 1}: runs them on the nodes that have them
@@ -517,6 +518,7 @@ def validate(cfg: Config) -> None:
     _probability(cfg, "data.second_view_prob", "text.mask_meta", "model.lora.dropout")
     # Settings that can only diverge or undo the objective are refused, not trained into NaN.
     _positive(cfg, "loss.ntxent_temperature", "optim.eps")
+    _non_negative(cfg, "data.view_cache_mb")
     _non_negative(cfg, "loss.clip_weight", "loss.clip2_weight", "loss.mv_weight", "loss.sla_weight",
                   "optim.min_lr", "optim.weight_decay", "optim.grad_clip")
     if cfg.optim.min_lr > cfg.optim.lr:

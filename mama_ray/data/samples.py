@@ -109,22 +109,58 @@ def _second_image(rng: np.random.Generator, usable: list[int], first: int, prob:
     return first
 
 
-def train_sample(cfg: Config, study: dict, slot: int, epoch: int, q: int) -> dict:
-    """Training sample of the ``slot``-th usable image of ``study``, all randomness from ``(seed, epoch, q)``."""
+class BaseViews:
+    """The :func:`~mama_ray.data.transforms.base_view` of each image a map task uses, computed once.
+
+    A window's pairs draw their second image from the same study (x², method.md §1.5), so without
+    reuse a task decodes and resizes ≈ 1 + ``second_view_prob`` images per pair; with it, one per
+    image. Holds at most ``budget_bytes`` of views (past that, a view is computed each time it is
+    asked for); :meth:`release` drops a study's views once the task has emitted its last sample.
+    """
+
+    def __init__(self, size: int, budget_bytes: int):
+        self.size, self.budget = size, budget_bytes
+        self.views: dict[tuple, np.ndarray] = {}
+        self.held = 0
+        self.computed = 0  # views computed (decode + crop + resize), for tests and benchmarks
+
+    def get(self, key: tuple, image: dict[str, Any]) -> np.ndarray:
+        """The base view of ``image`` (a shard image struct), known to this cache as ``key``."""
+        view = self.views.get(key)
+        if view is None:
+            view = transforms.base_view(decode_image(image["image"], image["codec"]), self.size)
+            self.computed += 1
+            if self.held + view.nbytes <= self.budget:
+                self.views[key], self.held = view, self.held + view.nbytes
+        return view
+
+    def release(self, prefix: tuple) -> None:
+        """Drop every view whose key starts with ``prefix`` (one study's)."""
+        for key in [k for k in self.views if k[: len(prefix)] == prefix]:
+            self.held -= self.views.pop(key).nbytes
+
+
+def train_sample(cfg: Config, study: dict, slot: int, epoch: int, q: int,
+                 views: BaseViews | None = None, key: tuple = ()) -> dict:
+    """Training sample of the ``slot``-th usable image of ``study``, all randomness from ``(seed, epoch, q)``.
+
+    ``views``/``key``: take the base views of the study's images from that cache, as ``key + (i,)``
+    for image ``i`` (the same sample, bit for bit, with less work when images repeat).
+    """
     rng = sample_rng(cfg.run.seed, epoch, q)
     usable = usable_images(study)
     i1 = usable[slot]
     i2 = _second_image(rng, usable, i1, cfg.data.second_view_prob)
     masked = captions.sample_masked(rng, cfg.text.mask_meta)
     img1, img2 = study["images"][i1], study["images"][i2]
-    pixels1 = decode_image(img1["image"], img1["codec"])
-    pixels2 = pixels1 if i2 == i1 else decode_image(img2["image"], img2["codec"])
     size = cfg.data.image_size
+    views = views if views is not None else BaseViews(size, 0)  # no reuse beyond this pair
+    base1 = views.get((*key, i1), img1)
+    base2 = base1 if i2 == i1 else views.get((*key, i2), img2)
     if cfg.data.augment:
-        view1 = transforms.train_transform(pixels1, size, rng)
-        view2 = transforms.train_transform(pixels2, size, rng)
+        view1, view2 = transforms.augment(base1, size, rng), transforms.augment(base2, size, rng)
     else:
-        view1, view2 = transforms.eval_transform(pixels1, size), transforms.eval_transform(pixels2, size)
+        view1, view2 = base1, base2
     text = captions.caption_text(caption_fields_from_study(study, img1), masked)
     return {"image1": view1[None], "image2": view2[None], "caption": text,
             "density": density_class(img1["density"]), "birads": birads_class(img1["birads"]),

@@ -76,14 +76,19 @@ def train_items(items: pa.Table, cfg: Config, epoch: int, fs: pafs.FileSystem) -
     """Map function: windows → their training samples in plan order, ``map_batch_size`` per output batch."""
     for item in items.to_pylist():
         tables = _read_groups(fs, item["paths"], item["groups"])
+        studies = list(zip(item["unit"], item["row"], strict=True))
+        last = {study: k for k, study in enumerate(studies)}  # a study's last sample in this window
+        views = samples.BaseViews(cfg.data.image_size, cfg.data.view_cache_mb * 2**20)
         rows: dict[tuple[int, int], dict] = {}
         batch = []
-        for u, r, slot, q, j, p in zip(item["unit"], item["row"], item["slot"], item["q"], item["j"], item["p"],
-                                       strict=True):
-            if (u, r) not in rows:
-                rows[(u, r)] = tables[u].slice(r, 1).to_pylist()[0]
-            batch.append({**samples.train_sample(cfg, rows[(u, r)], slot, epoch, q),
+        for k, (study, slot, q, j, p) in enumerate(zip(studies, item["slot"], item["q"], item["j"], item["p"],
+                                                       strict=True)):
+            if study not in rows:
+                rows[study] = tables[study[0]].slice(study[1], 1).to_pylist()[0]
+            batch.append({**samples.train_sample(cfg, rows[study], slot, epoch, q, views, study),
                           "sample_index": j, "epoch_position": p, "sample_id": q})
+            if last[study] == k:
+                views.release(study)
             if len(batch) == cfg.data.map_batch_size:
                 yield samples.train_columns(cfg, batch)
                 batch = []

@@ -91,6 +91,15 @@ def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (BLUR_KERNEL, BLUR_KERNEL), sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
+def base_view(img: np.ndarray, size: int) -> np.ndarray:
+    """Otsu crop → resize to S×S: the first steps of both transforms, a function of the image alone.
+
+    Decoding and these two steps are most of a view's CPU; a map task that emits several pairs with
+    the same image (x², method.md §1.5) computes them once (:class:`mama_ray.data.samples.BaseViews`).
+    """
+    return resize(otsu_crop(img), size)
+
+
 def train_transform(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """One SimCLR-style view of a stored image (method.md §1.6).
 
@@ -101,8 +110,12 @@ def train_transform(img: np.ndarray, size: int, rng: np.random.Generator) -> np.
     Returns:
         S×S uint8 array.
     """
-    out = resize(otsu_crop(img), size)
-    out = random_resized_crop(out, size, rng)
+    return augment(base_view(img, size), size, rng)
+
+
+def augment(base: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The random steps of :func:`train_transform` on a :func:`base_view` (S×S uint8)."""
+    out = random_resized_crop(base, size, rng)
     if rng.random() < 0.5:
         out = out[:, ::-1]
     if rng.random() < 0.5:
@@ -117,7 +130,7 @@ def train_transform(img: np.ndarray, size: int, rng: np.random.Generator) -> np.
 
 def eval_transform(img: np.ndarray, size: int) -> np.ndarray:
     """Otsu crop → resize to S×S (method.md §1.6 eval; the centre crop at S is a no-op)."""
-    return np.ascontiguousarray(resize(otsu_crop(img), size))
+    return np.ascontiguousarray(base_view(img, size))
 
 
 def to_rgb_chw(img: np.ndarray) -> np.ndarray:
