@@ -15,19 +15,18 @@ finetune, retrieval, attention.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
-try:
-    from mama_ray.eval import DEFAULT_TASKS, evaluate, zero_shot_table
-    from mama_ray.eval.runner import check_tasks
-    from mama_ray.layout import WHICH, checkpoint_config, resolve_checkpoint
-    from mama_ray.runtime import init_ray, job_parser, parse_args, run_main
-except ModuleNotFoundError as e:  # `python jobs/evaluate.py` from a checkout without the package installed
-    if e.name != "mama_ray":
-        raise
+if importlib.util.find_spec("mama_ray") is None:  # `python jobs/evaluate.py` from a checkout without `pip install -e .`
     print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
     sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
+
+from mama_ray.eval import DEFAULT_TASKS, evaluate, zero_shot_table  # noqa: E402
+from mama_ray.eval.runner import check_tasks  # noqa: E402
+from mama_ray.layout import WHICH, checkpoint_config, resolve_checkpoint  # noqa: E402
+from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
 
 
 def main() -> int:

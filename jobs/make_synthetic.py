@@ -8,15 +8,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
-try:
-    from mama_ray.runtime import job_parser, parse_args, run_main
-except ModuleNotFoundError as e:  # `python jobs/make_synthetic.py` from a checkout without the package installed
-    if e.name != "mama_ray":
-        raise
+if importlib.util.find_spec("mama_ray") is None:  # `python jobs/make_synthetic.py` from a checkout without `pip install -e .`
     print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
     sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
+
+from mama_ray.runtime import job_parser, parse_args, run_main  # noqa: E402
 
 
 def main() -> int:

@@ -12,17 +12,16 @@ Re-running with the same arguments finishes an interrupted ingest (finished shar
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
-try:
-    from mama_ray.config import add_config_args, load_from_args
-    from mama_ray.runtime import init_ray, job_parser, parse_args, run_main
-    from mama_ray.storage import StorageOptions
-except ModuleNotFoundError as e:  # `python jobs/prepare_data.py` from a checkout without the package installed
-    if e.name != "mama_ray":
-        raise
+if importlib.util.find_spec("mama_ray") is None:  # `python jobs/prepare_data.py` from a checkout without `pip install -e .`
     print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
     sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
+
+from mama_ray.config import add_config_args, load_from_args  # noqa: E402
+from mama_ray.runtime import init_ray, job_parser, parse_args, run_main  # noqa: E402
+from mama_ray.storage import StorageOptions  # noqa: E402
 
 
 def main() -> int:

@@ -12,24 +12,23 @@ The last two lines printed are ``run_dir: URI`` and ``checkpoint: URI``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
-try:
-    from mama_ray.config import add_config_args, load_from_args
-    from mama_ray.runtime import (
-        MIN_TRAINING_CPUS,
-        ensure_deepspeed_accelerator,
-        init_ray,
-        job_parser,
-        parse_args,
-        run_main,
-    )
-except ModuleNotFoundError as e:  # `python jobs/pretrain.py` from a checkout without the package installed
-    if e.name != "mama_ray":
-        raise
+if importlib.util.find_spec("mama_ray") is None:  # `python jobs/pretrain.py` from a checkout without `pip install -e .`
     print("error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)", file=sys.stderr)
     sys.exit(2)  # the exit code of a usage error (mama_ray.runtime.EXIT_USAGE)
+
+from mama_ray.config import add_config_args, load_from_args  # noqa: E402
+from mama_ray.runtime import (  # noqa: E402
+    MIN_TRAINING_CPUS,
+    ensure_deepspeed_accelerator,
+    init_ray,
+    job_parser,
+    parse_args,
+    run_main,
+)
 
 
 def main() -> int:

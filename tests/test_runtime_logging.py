@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,18 @@ def test_help_shows_the_examples_as_script_and_as_file(script):
         assert run.stdout.startswith(f"usage: {prog}") and "--log-level" in run.stdout
         for line in examples:
             assert line in run.stdout, line
+
+
+@pytest.mark.parametrize("script", sorted(_scripts()))
+def test_a_job_run_without_the_package_says_how_to_install_it(script):
+    # -S: no site-packages, so neither the editable install nor anything else is importable;
+    # the job must stop at its guard (exit 2, one line) instead of a traceback from an import.
+    path = _scripts()[script]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-S", str(path), "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, env=env)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr == "error: mama_ray is not installed; run `pip install -e .` in the checkout (README.md)\n"
 
 
 def test_every_subpackage_is_installed():
