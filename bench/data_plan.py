@@ -39,15 +39,7 @@ OLD_BUFFER = 64  # the old plan's data.shuffle_buffer default
 def embed_like_index(n_studies: int, seed: int = 0) -> SplitIndex:
     """A synthetic training index shaped like EMBED's (see the module doc)."""
     counts = np.random.default_rng(seed).choice(np.arange(1, 9), n_studies, p=IMAGES_P)
-    files, ids, cs, rows, groups = [], [], [], [], []
-    for f, start in enumerate(range(0, n_studies, STUDIES_PER_FILE)):
-        n = min(STUDIES_PER_FILE, n_studies - start)
-        files.append(f"shard-{f:05d}.parquet")
-        ids.append(tuple(f"s{i}" for i in range(start, start + n)))
-        cs.append(counts[start : start + n].astype(np.int64))
-        rows.append(np.arange(n, dtype=np.int64))
-        groups.append(tuple(min(STUDIES_PER_GROUP, n - g) for g in range(0, n, STUDIES_PER_GROUP)))
-    return SplitIndex(tuple(files), tuple(ids), tuple(cs), tuple(rows), tuple(groups))
+    return SplitIndex.laid_out(counts, STUDIES_PER_GROUP, STUDIES_PER_FILE)
 
 
 def duplicates(streams: list[np.ndarray], study: np.ndarray, mbs: int) -> tuple[float, float]:

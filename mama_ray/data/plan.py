@@ -71,6 +71,20 @@ class SplitIndex:
     def num_samples(self) -> int:
         return int(sum(c.sum() for c in self.counts))
 
+    @classmethod
+    def laid_out(cls, counts: np.ndarray, studies_per_group: int, studies_per_file: int) -> SplitIndex:
+        """An index without shards: studies ``s0, s1, …`` with these usable-image counts, in files of
+        ``studies_per_file`` and row groups of ``studies_per_group`` (planning benchmarks and tests)."""
+        files, ids, cs, rows, groups = [], [], [], [], []
+        for f, start in enumerate(range(0, len(counts), studies_per_file)):
+            n = min(studies_per_file, len(counts) - start)
+            files.append(f"shard-{f:05d}.parquet")
+            ids.append(tuple(f"s{i}" for i in range(start, start + n)))
+            cs.append(np.asarray(counts[start : start + n], dtype=np.int64))
+            rows.append(np.arange(n, dtype=np.int64))
+            groups.append(tuple(min(studies_per_group, n - g) for g in range(0, n, studies_per_group)))
+        return cls(tuple(files), tuple(ids), tuple(cs), tuple(rows), tuple(groups))
+
     @functools.cached_property
     def flat(self) -> FlatIndex:
         return FlatIndex.of(self)

@@ -12,16 +12,7 @@ MBS = 8
 
 def make_index(n_studies: int, per_group: int = 16, per_file: int = 80, seed: int = 0) -> plan.SplitIndex:
     """``n_studies`` training studies with 1–6 usable images, ``per_group`` studies per row group."""
-    counts = np.random.default_rng(seed).integers(1, 7, n_studies)
-    files, ids, cs, rows, groups = [], [], [], [], []
-    for f, start in enumerate(range(0, n_studies, per_file)):
-        n = min(per_file, n_studies - start)
-        files.append(f"f{f}")
-        ids.append(tuple(f"s{i}" for i in range(start, start + n)))
-        cs.append(counts[start : start + n].astype(np.int64))
-        rows.append(np.arange(n, dtype=np.int64))
-        groups.append(tuple(min(per_group, n - g) for g in range(0, n, per_group)))
-    return plan.SplitIndex(tuple(files), tuple(ids), tuple(cs), tuple(rows), tuple(groups))
+    return plan.SplitIndex.laid_out(np.random.default_rng(seed).integers(1, 7, n_studies), per_group, per_file)
 
 
 def params(world: int, epoch: int = 0, window: int = 128) -> plan.PlanParams:
