@@ -108,3 +108,11 @@ def kit():
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return types.SimpleNamespace(tiny_cfg=tiny_cfg, SyntheticSource=SyntheticSource, run_local=run_local,
                                  no_dropout_model=no_dropout_model, weights=weights)
+
+
+@pytest.fixture(scope="session")
+def val_shards(tmp_path_factory, write_shards) -> str:
+    """60 synthetic studies (48-px images) as shards, written once; their val split holds 19 images."""
+    root = tmp_path_factory.mktemp("val_shards")
+    write_shards(root, 60, seed=3)
+    return str(root)

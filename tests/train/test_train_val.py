@@ -23,14 +23,6 @@ VAL = {"train.val_every": 2}
 REPO = Path(__file__).parents[2]
 
 
-@pytest.fixture(scope="module")
-def val_shards(tmp_path_factory, write_shards) -> str:
-    """60 synthetic studies (48-px images) as shards; their val split holds 19 images."""
-    root = tmp_path_factory.mktemp("val_shards")
-    write_shards(root, 60, seed=3)
-    return str(root)
-
-
 def _run(kit, shards, root, **over):
     import os
 

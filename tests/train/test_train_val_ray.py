@@ -20,15 +20,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).parents[2]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, write_shards) -> str:
-    root = tmp_path_factory.mktemp("val_ray_shards")
-    write_shards(root, 60, seed=3)
-    return str(root)
-
-
-def test_default_config_validates_and_keeps_the_best(ray_session, shards, tmp_path, monkeypatch):
-    cfg = config.load("tiny_cpu", {"data.shards": shards, "storage.run_dir": str(tmp_path / "runs"),
+def test_default_config_validates_and_keeps_the_best(ray_session, val_shards, tmp_path, monkeypatch):
+    cfg = config.load("tiny_cpu", {"data.shards": val_shards, "storage.run_dir": str(tmp_path / "runs"),
                                    "train.max_steps": 30, "train.val_every": 10, "train.micro_batch_size": 8,
                                    "loss.late_loss_step": 15, "train.eval_at_end": False})
     summary = run_pretrain(cfg)
