@@ -52,7 +52,7 @@ def test_default_run_trains_evaluates_and_is_complete_on_rerun(tmp_path):
     # arg-max over four prompts moves with rounding; the ranking (AUC) is what 100 steps reliably
     # learn. Numbers and their limits: docs/training.md.
     table = first.stdout[first.stdout.find("zero-shot "):]
-    assert density["auc"] > 0.75 and bacc > 0.3, table
+    assert density["auc"] > 0.7 and bacc > 0.3, table
 
     again = _pretrain(tmp_path, "--set", "train.eval_at_end=false")
     assert again.returncode == 0, again.stderr[-4000:]
