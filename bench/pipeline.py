@@ -1,23 +1,27 @@
 """Training-pipeline throughput: the Ray Data pipeline vs. a torch DataLoader, on the same shards.
 
-    python bench/pipeline.py [--studies 48] [--image-size 518] [--cpus N] [--long-side 1024] [--epochs 1]
+    python bench/pipeline.py [--studies 48] [--image-size 518] [--cpus N] [--long-side 1024] [--rounds 3]
                              [--limits-refresh 0.1]
 
 Writes ``--studies`` synthetic studies (4 mammogram-like images each, long side ``--long-side``,
-PNG) as shards, then times ``--epochs`` training epochs back to back at ``--image-size``:
+PNG) as shards and starts three pipelines at ``--image-size``, each in a process of its own:
 
-* **ray**: ``TrainStream.epoch`` (rank 0 of 1, epochs 1…E, each prefetching the next but the
-  last) on a local Ray cluster of ``--cpus`` CPUs, after an untimed warm-up epoch 0 that starts
-  the worker processes and their imports (its prefetch of epoch 1 is dropped, so the first
-  timed epoch starts cold);
+* **ray**: ``TrainStream.epoch`` (rank 0 of 1, the next epoch not prefetched) on a local Ray
+  cluster of ``--cpus`` CPUs;
 * **dataloader**: ``torch.utils.data.DataLoader(num_workers=--cpus, persistent_workers=True)``
   over an IterableDataset that reads the same shards with pyarrow (files dealt to workers) and
-  runs the pipeline's own per-sample functions on them — the same decode, pairing, augmentation, caption
-  and tokenisation code, without restoring the epoch's order.
+  runs the pipeline's own per-sample functions on them — the same decode, pairing, augmentation,
+  caption and tokenisation code, without restoring the epoch's order;
+* **dataloader + reuse**: the same with the base-view reuse the map tasks do (equal work).
 
-Peak memory is the peak summed PSS of this process and all its descendants (Ray's raylet, GCS,
-object store and workers; the DataLoader's workers), sampled every 0.25 s. CPU seconds are
-those the same process tree spent in the timed part: unlike wall time they stay comparable on
+Each runs an untimed warm-up epoch 0 (worker processes, imports), then ``--rounds`` rounds of one
+timed epoch each, the pipelines taking turns (who goes first rotates), so that a machine whose
+speed drifts — a shared VM — slows all of them alike within a round. Ratios are the median of the
+rounds' ratios, with their range.
+
+Peak memory is the peak summed PSS of a pipeline's process and all its descendants (Ray's raylet,
+GCS, object store and workers; the DataLoader's workers), sampled every 0.25 s. CPU seconds are
+those the same process tree spent in the timed epochs: unlike wall time they stay comparable on
 a loaded machine. Prints one table.
 """
 
@@ -25,8 +29,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -43,7 +50,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch.utils.data  # noqa: E402
 
 from mama_ray.config import Config, load  # noqa: E402
-from mama_ray.data import pipeline, samples  # noqa: E402
+from mama_ray.data import pipeline, samples, transforms  # noqa: E402
 from mama_ray.data import stream as data_stream  # noqa: E402
 from mama_ray.data.schema import SHARD_SCHEMA  # noqa: E402
 from mama_ray.data.shards import encode_image  # noqa: E402
@@ -52,6 +59,7 @@ from mama_ray.storage import StorageOptions  # noqa: E402
 
 STUDIES_PER_FILE = 16
 NICENESS = "RAY_worker_niceness"  # Ray's setting for the nice value of its worker processes
+LIMITS_ENV = "MAMA_BENCH_LIMITS_REFRESH_S"  # --limits-refresh, handed to the pipelines' processes
 
 
 def write_shards(root: Path, n_studies: int, long_side: int) -> None:
@@ -146,42 +154,51 @@ class PeakPss(threading.Thread):
         self.join()
 
 
-def run_ray(cfg: Config, cpus: int, epochs: int) -> tuple[int, float, float, float, dict]:
-    """(samples, seconds, peak bytes, data-wait seconds, CPU seconds by role) of ``epochs`` epochs through Ray."""
+def start_ray(cpus: int) -> str:
+    """A local Ray cluster of ``cpus`` CPUs for this process; returns its temp dir (to remove after)."""
     import ray
 
-    with PeakPss() as mem:
-        temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")  # short: socket paths must fit 107 bytes
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")  # short: socket paths must fit 107 bytes
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    return temp
+
+
+class RayPipeline:
+    """Ray: a local cluster of ``cpus`` CPUs and one :class:`TrainStream` (rank 0 of 1), started
+    once with an untimed warm-up epoch 0 (worker processes, imports)."""
+
+    def __init__(self, cfg: Config, cpus: int):
+        import ray
+
+        self.temp = start_ray(cpus)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        stream = pipeline.TrainStream(cfg)
-        # Warm up without a prefetch: a cancelled one's in-flight tasks would hold the CPUs for
-        # seconds into the timed epoch.
-        list(stream.epoch(0, prefetch_next=False))
-        samples, wait, start = 0, 0.0, time.perf_counter()
-        cpu, sampled = tree_cpu_seconds(), mem.cpu_seconds
-        for epoch in range(1, epochs + 1):
-            it = stream.epoch(epoch, prefetch_next=epoch < epochs)  # no wasted start of epoch E + 1
-            samples += sum(len(b["image_id"]) for b in it)
-            wait += it.wait_seconds
-        seconds, cpu = time.perf_counter() - start, cpu_since(cpu, mem, sampled)
-        stream.close()
+        self.stream = pipeline.TrainStream(cfg)
+        self.epoch(0)
+
+    def epoch(self, epoch: int) -> tuple[int, float]:
+        """(samples, data-wait seconds) of one epoch; the next is not prefetched (it would run untimed)."""
+        it = self.stream.epoch(epoch, prefetch_next=False)
+        return sum(len(b["image_id"]) for b in it), it.wait_seconds
+
+    def close(self) -> None:
+        import ray
+
+        self.stream.close()
         ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-    return samples, seconds, mem.peak, wait, cpu
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 class ShardSamples(torch.utils.data.IterableDataset):
     """IterableDataset: each DataLoader worker maps its share of the shard files.
 
-    Epochs 1, 2, … as the Ray run has them (each worker counts its own ``__iter__`` calls), so both
+    Epochs 0, 1, … as the Ray run has them (each worker counts its own ``__iter__`` calls), so both
     do the same random draws. ``reuse``: one :class:`~mama_ray.data.samples.BaseViews` per study, the
     reuse the Ray pipeline's map tasks do per window (by default the plain per-sample function).
     """
 
     def __init__(self, cfg: Config, reuse: bool = False):
         super().__init__()
-        self.cfg, self.reuse, self.epoch = cfg, reuse, 0
+        self.cfg, self.reuse, self.epoch = cfg, reuse, -1  # the warm-up is epoch 0
         index = pipeline.split_index(cfg, "train")
         ids = [sid for file_ids in index.study_ids for sid in file_ids]
         self.first = dict(zip(ids, index.flat.study_first.tolist(), strict=True))  # study → its first q
@@ -197,26 +214,98 @@ class ShardSamples(torch.utils.data.IterableDataset):
         return out
 
     def __iter__(self):
+        """This worker's samples of the next epoch, one dict per sample: the DataLoader stacks them
+        into micro-batches (in the worker), as the stream's consumer stacks its rows."""
         self.epoch += 1
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for path in self.files[wid::nw]:
             with self.fs.open_input_file(path) as f:
                 for rb in pq.ParquetFile(f).iter_batches(batch_size=4, columns=pipeline.READ_COLUMNS):
-                    yield pipeline.train_columns(self.cfg, [
+                    columns = pipeline.train_columns(self.cfg, [
                         s for study in pa.Table.from_batches([rb]).to_pylist() for s in self._samples(study)])
+                    for i in range(len(columns["image_id"])):
+                        yield {k: (v[i] if k in samples.STRING_KEYS else torch.from_numpy(np.asarray(v[i])))
+                               for k, v in columns.items()}
 
 
-def run_dataloader(cfg: Config, cpus: int, epochs: int, reuse: bool = False) -> tuple[int, float, float, None, dict]:
-    """(samples, seconds, peak bytes, None (no data-wait figure), CPU seconds by role) of ``epochs`` epochs through a DataLoader."""
-    pipeline.caption_tokens(cfg, ["warm-up"])  # import + build the tokenizer once; forked workers inherit it
-    with PeakPss() as mem:
-        loader = torch.utils.data.DataLoader(ShardSamples(cfg, reuse), batch_size=None, num_workers=cpus,
-                                             prefetch_factor=2, persistent_workers=True)
-        cpu, sampled, start = tree_cpu_seconds(), mem.cpu_seconds, time.perf_counter()
-        samples = sum(len(b["image_id"]) for _ in range(epochs) for b in loader)
-        seconds, cpu = time.perf_counter() - start, cpu_since(cpu, mem, sampled)  # workers still alive
-    return samples, seconds, mem.peak, None, cpu
+class LoaderPipeline:
+    """DataLoader: ``cpus`` persistent workers over :class:`ShardSamples`, started with an untimed
+    warm-up epoch 0; between its timed epochs the workers wait on their queues (no CPU).
+
+    ``in_ray_job``: then start a Ray cluster in this process after the workers (forked before
+    Ray's threads exist), as a DataLoader inside a Ray Train worker has one: its daemons' CPU
+    counts for this pipeline as Ray's counts for the stream's.
+    """
+
+    def __init__(self, cfg: Config, cpus: int, reuse: bool, in_ray_job: bool = True):
+        pipeline.caption_tokens(cfg, ["warm-up"])  # import + build the tokenizer; forked workers inherit it
+        self.loader = torch.utils.data.DataLoader(ShardSamples(cfg, reuse), batch_size=cfg.train.micro_batch_size,
+                                                  num_workers=cpus, prefetch_factor=2, persistent_workers=True,
+                                                  drop_last=True, worker_init_fn=_one_cv2_thread)
+        self.epoch(0)
+        self.temp = start_ray(cpus) if in_ray_job else None
+
+    def epoch(self, epoch: int) -> tuple[int, None]:
+        """(samples, None: no data-wait figure) of the next epoch (ShardSamples counts them itself)."""
+        return sum(len(b["image_id"]) for b in self.loader), None
+
+    def close(self) -> None:
+        if self.temp is not None:
+            import ray
+
+            ray.shutdown()
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _one_cv2_thread(_worker_id: int) -> None:
+    """A DataLoader worker's OpenCV on one thread, as the map tasks run theirs (one CPU each)."""
+    transforms.limit_threads(1)
+
+
+PIPELINES = {"ray": RayPipeline, "dataloader": functools.partial(LoaderPipeline, reuse=False),
+             "dataloader+reuse": functools.partial(LoaderPipeline, reuse=True),
+             "dataloader+reuse, no Ray": functools.partial(LoaderPipeline, reuse=True, in_ray_job=False)}
+
+
+def serve(conn, kind: str, cfg: Config, cpus: int) -> None:
+    """A pipeline's own process: one timed epoch per epoch number received, until None.
+
+    Each pipeline runs in a process of its own so that the CPU seconds of its tree are its own;
+    the rounds alternate between the processes, so a machine whose speed drifts (a shared VM)
+    slows every pipeline alike within a round.
+    """
+    os.environ.pop("RAY_ADDRESS", None)
+    data_stream.LIMITS_REFRESH_S = float(os.environ[LIMITS_ENV])
+    pipe = PIPELINES[kind](cfg, cpus)
+    conn.send("ready")
+    while (epoch := conn.recv()) is not None:
+        with PeakPss() as mem:
+            cpu, sampled, start = tree_cpu_seconds(), mem.cpu_seconds, time.perf_counter()
+            n, wait = pipe.epoch(epoch)
+            seconds, cpu = time.perf_counter() - start, cpu_since(cpu, mem, sampled)
+        conn.send((n, seconds, mem.peak, wait, cpu))
+    pipe.close()
+
+
+class Pipeline:
+    """Handle on a :func:`serve` process."""
+
+    def __init__(self, kind: str, cfg: Config, cpus: int):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no Ray or torch state inherited
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=serve, args=(child, kind, cfg, cpus), daemon=False)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise RuntimeError(f"{kind} did not start")
+
+    def epoch(self, epoch: int) -> tuple:
+        self.conn.send(epoch)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(120)
 
 
 def main() -> None:
@@ -225,39 +314,57 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=518)
     ap.add_argument("--long-side", type=int, default=1024)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=8, help="timed epochs of each pipeline, alternating")
     ap.add_argument("--limits-refresh", type=float, default=data_stream.LIMITS_REFRESH_S,
                     help="seconds between Ray Data's resource-limit refreshes (1 = Ray's own; see mama_ray/data/stream.py)")
     args = ap.parse_args()
-    data_stream.LIMITS_REFRESH_S = args.limits_refresh
-    os.environ.pop("RAY_ADDRESS", None)
     # Ray starts its workers at nice 15 (the DataLoader's run at 0): on a machine with any other
     # load that alone starves Ray's map tasks. Compare at equal priority unless told otherwise.
     os.environ.setdefault(NICENESS, "0")
+    os.environ[LIMITS_ENV] = str(args.limits_refresh)  # read by the spawned processes
+    names = {"ray": "Ray Data (TrainStream)", "dataloader": f"DataLoader ({args.cpus} workers), in a Ray job",
+             "dataloader+reuse": "DataLoader + per-study view reuse, in a Ray job",
+             "dataloader+reuse, no Ray": "DataLoader + per-study view reuse, no Ray in its process"}
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(Path(tmp) / "shards", args.studies, args.long_side)
         cfg = load("tiny_cpu", {"data.shards": str(Path(tmp) / "shards"), "data.image_size": args.image_size,
                                 "train.micro_batch_size": 8, "data.map_batch_size": 16})
-        runs = {"Ray Data (TrainStream)": run_ray(cfg, args.cpus, args.epochs),
-                f"DataLoader ({args.cpus} workers)": run_dataloader(cfg, args.cpus, args.epochs),
-                "DataLoader + per-study view reuse": run_dataloader(cfg, args.cpus, args.epochs, reuse=True)}
+        procs = {kind: Pipeline(kind, cfg, args.cpus) for kind in names}
+        runs: dict[str, list[tuple]] = {kind: [] for kind in names}
+        for r in range(1, args.rounds + 1):
+            kinds = list(names)
+            for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:  # who goes first rotates
+                runs[kind].append(procs[kind].epoch(r))
+        for proc in procs.values():
+            proc.close()
     print(f"{args.studies} studies × 4 images, stored long side {args.long_side}, out {args.image_size}², "
-          f"{args.cpus} CPUs; {args.epochs} epoch(s); load average {os.getloadavg()[0]:.1f}; "
+          f"{args.cpus} CPUs; {args.rounds} round(s) of one epoch each; load average {os.getloadavg()[0]:.1f}; "
           f"Ray worker niceness {os.environ[NICENESS]}; limits refresh {args.limits_refresh} s")
-    print(table(runs))
+    print(table({names[k]: v for k, v in runs.items()}))
 
 
-def table(runs: dict[str, tuple]) -> str:
-    """Markdown: one row per run (pairs, wall, CPU by process, memory) and each run's ratios to the first."""
-    ray_n, ray_s, ray_mem, _, ray_cpu = next(iter(runs.values()))
+def _ratios(ray: list[tuple], other: list[tuple], rate) -> str:
+    """Ray's rate ÷ the other's: median of the rounds' ratios (their range when several)."""
+    per_round = sorted(rate(a) / rate(b) for a, b in zip(ray, other, strict=True))
+    text = f"{statistics.median(per_round):.2f}"
+    return text + (f" ({per_round[0]:.2f}–{per_round[-1]:.2f})" if len(per_round) > 1 else "")
+
+
+def table(runs: dict[str, list[tuple]]) -> str:
+    """Markdown: one row per pipeline (its rounds summed) and Ray's ratios to it, round by round."""
+    ray = next(iter(runs.values()))
     lines = ["| pipeline | pairs | s | pairs/s | CPU s: driver / workers / Ray Data actors / Ray daemons | "
              "pairs/CPU-s | Ray ÷ it, pairs/s | Ray ÷ it, pairs/CPU-s | Ray ÷ it, peak PSS | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, (n, secs, mem, wait, cpu) in runs.items():
+    for name, rounds in runs.items():
+        n, secs, mem = sum(r[0] for r in rounds), sum(r[1] for r in rounds), max(r[2] for r in rounds)
+        cpu = {k: sum(r[4][k] for r in rounds) for k in (*ROLES, "total")}
         split = " / ".join(f"{cpu[r]:.2f}" for r in ROLES)
-        ratios = f"{(ray_n / ray_s) / (n / secs):.2f} | {(ray_n / ray_cpu['total']) / (n / cpu['total']):.2f} | " \
-                 f"{ray_mem / mem:.2f}"
-        note = f"data wait {wait:.1f} s, peak PSS {mem / 2**20:.0f} MB" if wait is not None else f"peak PSS {mem / 2**20:.0f} MB"
+        ray_mem = max(r[2] for r in ray)
+        ratios = (f"{_ratios(ray, rounds, lambda r: r[0] / r[1])} | {_ratios(ray, rounds, lambda r: r[0] / r[4]['total'])}"
+                  f" | {ray_mem / mem:.2f}")
+        waits = [r[3] for r in rounds if r[3] is not None]
+        note = (f"data wait {sum(waits):.1f} s, " if waits else "") + f"peak PSS {mem / 2**20:.0f} MB"
         lines.append(f"| {name} | {n} | {secs:.1f} | {n / secs:.1f} | {split} | {n / cpu['total']:.1f} | {ratios} | {note} |")
     return "\n".join(lines)
 

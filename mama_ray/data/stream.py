@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from mama_ray import storage
 from mama_ray.config import Config
-from mama_ray.data import samples
+from mama_ray.data import samples, transforms
 from mama_ray.data.plan import RankPlan, SplitIndex, rank_plan, split_index
 from mama_ray.monitoring import DataMonitor
 
@@ -74,6 +74,7 @@ def _read_groups(fs: pafs.FileSystem, paths: list[str], groups: list[int]) -> li
 
 def train_items(items: pa.Table, cfg: Config, epoch: int, fs: pafs.FileSystem) -> Iterator[dict[str, np.ndarray]]:
     """Map function: windows → their training samples in plan order, ``map_batch_size`` per output batch."""
+    transforms.limit_threads(cfg.data.num_cpus_per_map)
     for item in items.to_pylist():
         tables = _read_groups(fs, item["paths"], item["groups"])
         studies = list(zip(item["unit"], item["row"], strict=True))
@@ -138,6 +139,7 @@ def _read_item(item: dict, fs: pafs.FileSystem, columns: list[str]) -> pa.Table:
 
 def eval_items(items: pa.Table, cfg: Config, fs: pafs.FileSystem, rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
     """Map function: eval read units → eval rows (see :func:`samples.eval_batch`)."""
+    transforms.limit_threads(cfg.data.num_cpus_per_map)
     for item in items.to_pylist():
         table = _read_item(item, fs, samples.READ_COLUMNS)
         for start in range(0, table.num_rows, rows_per_batch):

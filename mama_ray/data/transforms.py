@@ -36,6 +36,22 @@ BLUR_KERNEL = 7
 BLUR_SIGMA = (0.1, 2.0)
 
 
+def limit_threads(cpus: float) -> int:
+    """Run OpenCV on as many threads as the task reserved CPUs (at least one); returns that number.
+
+    Ray caps a task's OpenMP threads at its ``num_cpus`` (``OMP_NUM_THREADS``), but the OpenCV of
+    the pip wheels runs its own pthreads pool, one thread per core of the machine, and ignores
+    that. With one map task per reserved CPU each task's pool then competes with the others for
+    the same cores: 2 map tasks on 2 CPUs spent ≈ 15 % more CPU seconds per pair with OpenCV's
+    default pool (docs/benchmarks.md, "Pipeline"). The setting is per process, and a map worker
+    runs one task at a time.
+    """
+    threads = max(1, int(cpus))
+    if cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+    return threads
+
+
 def resize(img: np.ndarray, size: int) -> np.ndarray:
     """Resize to size×size (aspect not kept); area interpolation when shrinking, else bilinear."""
     shrink = img.shape[0] * img.shape[1] > size * size

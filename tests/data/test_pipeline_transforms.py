@@ -109,3 +109,33 @@ def test_eval_transform_is_crop_then_resize_and_rgb_repeats_gray():
     assert out.shape == (16, 16) and (out == 180).all()
     rgb = transforms.to_rgb_chw(out)
     assert rgb.shape == (3, 16, 16) and all(np.array_equal(rgb[c], out) for c in range(3))
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1.0, 1), (2.0, 2), (2.5, 2), (0.5, 1)])
+def test_limit_threads_gives_opencv_the_reserved_cpus(cpus, threads):
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4 if threads != 4 else 3)
+        assert transforms.limit_threads(cpus) == threads
+        assert cv2.getNumThreads() == threads
+    finally:
+        cv2.setNumThreads(before)
+
+
+@pytest.mark.parametrize("fn", ["train_items", "eval_items"])
+def test_map_functions_run_opencv_on_the_task_cpus(fn):
+    """A map task that reserved one CPU leaves OpenCV one thread, whatever its default pool was."""
+    import pyarrow as pa
+
+    from mama_ray.config import load
+    from mama_ray.data import stream
+
+    cfg = load("tiny_cpu", {"data.num_cpus_per_map": 1.0})
+    kwargs = {"epoch": 0} if fn == "train_items" else {"rows_per_batch": 4}
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(3)
+        assert list(getattr(stream, fn)(pa.table({"q": pa.array([], pa.int64())}), cfg, fs=None, **kwargs)) == []
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
