@@ -42,9 +42,9 @@ def limit_threads(cpus: float) -> int:
     Ray caps a task's OpenMP threads at its ``num_cpus`` (``OMP_NUM_THREADS``), but the OpenCV of
     the pip wheels runs its own pthreads pool, one thread per core of the machine, and ignores
     that. With one map task per reserved CPU each task's pool then competes with the others for
-    the same cores: 2 map tasks on 2 CPUs spent ≈ 15 % more CPU seconds per pair with OpenCV's
-    default pool (docs/benchmarks.md, "Pipeline"). The setting is per process, and a map worker
-    runs one task at a time.
+    the same cores: with OpenCV's default pool 2 map tasks on 2 CPUs spent ≈ 10 % more CPU
+    seconds per pair than a DataLoader's workers doing the same work (docs/benchmarks.md,
+    "Pipeline"). The setting is per process, and a map worker runs one task at a time.
     """
     threads = max(1, int(cpus))
     if cv2.getNumThreads() != threads:
