@@ -8,15 +8,34 @@ Adam op to compile) and sets the learning rate itself every step (:mod:`mama_ray
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
+
 from mama_ray.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(cfg: Config, on_gpu: bool) -> str:
     """``auto`` → bf16 on GPU, fp32 on CPU; an explicit choice is kept (fp16 is not offered)."""
     p = cfg.deepspeed.precision
     return ("bf16" if on_gpu else "fp32") if p == "auto" else p
+
+
+def warn_if_slow_cpu_bf16(precision: str, on_gpu: bool) -> bool:
+    """Log a warning when bf16 will run on a CPU without oneDNN's bf16 kernels; True if it did.
+
+    torch's CPU bf16 matmul is oneDNN's, which needs AVX-512 (avx512_core). Without it torch falls
+    back to a reference GEMM measured ~4000× slower than fp32 (docs/pitfalls.md): a base-width step
+    takes hours, and nothing else says why.
+    """
+    if precision != "bf16" or on_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    log.warning("deepspeed.precision=bf16 on a CPU without AVX-512: torch's bf16 matmul falls back to a "
+                "reference kernel ~4000x slower than fp32; set deepspeed.precision=fp32 (or auto) here")
+    return True
 
 
 def _zero_section(cfg: Config, on_gpu: bool) -> dict[str, Any]:

@@ -34,7 +34,11 @@ from mama_ray.models import build_model as default_build
 from mama_ray.models.flops import peak_tflops
 from mama_ray.train import checkpoint as ckpt_mod
 from mama_ray.train.context import TrainContext
-from mama_ray.train.deepspeed_config import build_deepspeed_config
+from mama_ray.train.deepspeed_config import (
+    build_deepspeed_config,
+    resolve_precision,
+    warn_if_slow_cpu_bf16,
+)
 from mama_ray.train.failure import FatalTrainingError, as_fatal_first_step_error
 from mama_ray.train.metrics import (
     EventWriter,
@@ -119,6 +123,8 @@ def make_engine(model: torch.nn.Module, cfg: Config, ctx: TrainContext):
 
     optimizer = build_optimizer(model, cfg)
     ds_config = build_deepspeed_config(cfg, ctx.world_size, ctx.on_gpu)
+    if ctx.rank == 0:
+        warn_if_slow_cpu_bf16(resolve_precision(cfg, ctx.on_gpu), ctx.on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=TwoViews(model), optimizer=optimizer, config=ds_config)
     return engine
 

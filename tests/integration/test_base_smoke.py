@@ -4,6 +4,10 @@ activation checkpointing on both towers, bf16) under real DeepSpeed ZeRO-2 and Z
 The towers start from Hugging Face-format folders written here with ``save_pretrained`` (random,
 base-shaped), so the weight-loading path of ``base`` runs too, including the resize of the
 embeddings to the tokenizer and peft's LoRA over a frozen, checkpointed trunk.
+
+On a CPU without oneDNN's bf16 kernels (no AVX-512) torch multiplies bf16 with a reference GEMM
+~4000× slower than fp32 (docs/pitfalls.md): there the towers are narrowed (same depth, heads,
+LoRA, checkpointing and precision) so the module takes minutes, not hours.
 """
 
 import math
@@ -22,13 +26,17 @@ from mama_ray.train.loop import train_loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+NARROW = {} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else {
+    "model.vision.hidden_size": 48, "model.vision.num_heads": 12,  # base: 768, 12 heads
+    "model.text.hidden_size": 80, "model.text.num_heads": 20}  # base: 2560, 20 heads
+
 
 @pytest.fixture(scope="module")
 def smoke_inputs(tmp_path_factory, write_shards):
     """``(shards, vision weights, text weights)``: 40 studies, and the two towers in HF format."""
     root = tmp_path_factory.mktemp("smoke")
     write_shards(root / "shards", 40, seed=3, side=72)
-    cfg = config.load("base_smoke")
+    cfg = config.load("base_smoke", NARROW)
     torch.manual_seed(0)
     Dinov2WithRegistersModel(vit_config(cfg.model.vision)).save_pretrained(root / "dinov2")
     t = cfg.model.text  # a vocabulary smaller than the tokenizer's: build_trunk must resize it
@@ -41,7 +49,7 @@ def smoke_cfg(root: Path, **over):
     return config.load("base_smoke", {
         "data.shards": str(root / "shards"), "model.vision.weights": str(root / "dinov2"),
         "model.text.weights": str(root / "gpt2"), "storage.cache_dir": str(root / "cache"),
-        "storage.run_dir": str(root / "runs"), "data.prefetch_next_epoch": False, **over})
+        "storage.run_dir": str(root / "runs"), "data.prefetch_next_epoch": False, **NARROW, **over})
 
 
 class Capture:

@@ -1,10 +1,15 @@
 """The DeepSpeed config built from ours, per ZeRO stage and precision."""
 
+import logging
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mama_ray import config
 from mama_ray.config import ConfigError
-from mama_ray.train.deepspeed_config import build_deepspeed_config
+from mama_ray.train.deepspeed_config import build_deepspeed_config, warn_if_slow_cpu_bf16
 
 
 def _cfg(**over):
@@ -44,3 +49,17 @@ def test_offload_needs_zero():
     # refused when the config loads (config.validate), before any DeepSpeed config is built
     with pytest.raises(ConfigError, match="config field 'deepspeed.offload_optimizer': needs deepspeed.zero_stage >= 1"):
         _cfg(**{"deepspeed.zero_stage": 0, "deepspeed.offload_optimizer": True})
+
+
+def test_bf16_on_a_cpu_without_avx512_warns(caplog):
+    # oneDNN capped below AVX-512 in a fresh process: the same check a CPU without it gives
+    code = ("import logging; logging.basicConfig(); from mama_ray.train.deepspeed_config import warn_if_slow_cpu_bf16; "
+            "print(warn_if_slow_cpu_bf16('bf16', False), warn_if_slow_cpu_bf16('fp32', False), "
+            "warn_if_slow_cpu_bf16('bf16', True))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"]  # only bf16 on the CPU
+    assert "deepspeed.precision=fp32" in out.stderr
+    with caplog.at_level(logging.WARNING):  # fp32, or a GPU, never warns here either
+        assert not warn_if_slow_cpu_bf16("fp32", False) and not warn_if_slow_cpu_bf16("bf16", True)
+    assert not caplog.records
