@@ -90,7 +90,7 @@ class DataConfig:
     second_view_prob: float = 0.5  # probability that x2 is another image of the same study (method.md §1.5)
     plan_window: int = 512  # samples per ordering window of a rank (at least; one map task reads and emits one)
     augment: bool = True  # SimCLR-style train augmentation (method.md §1.6); false = eval transform
-    map_batch_size: int = 16  # samples per Ray Data map_batches call
+    map_batch_size: int = 16  # samples per map-task output batch, at least (training ones end on micro-batch boundaries)
     view_cache_mb: int = 256  # per map task: decoded, cropped, resized images kept for their study's other pairs (0 = none)
     map_concurrency: int = 0  # parallel preprocessing tasks; 0 = let Ray Data decide
     num_cpus_per_map: float = 1.0  # CPUs each preprocessing task reserves

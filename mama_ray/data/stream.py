@@ -2,8 +2,10 @@
 
 * **One map task per window** (:class:`~mama_ray.data.plan.Window`): the task reads the window's
   row groups once, inside the task (shard bytes never enter the object store), and emits its
-  samples already in the plan's order, ``data.map_batch_size`` at a time. Blocks keep task order
-  (``preserve_order``), so the consumer's reorder buffer holds at most a block.
+  samples already in the plan's order, in output batches of at least ``data.map_batch_size`` that
+  end on micro-batch boundaries. Blocks keep task order (``preserve_order``), so the consumer's
+  reorder buffer holds at most a block, and a micro-batch inside one block is handed out as a slice
+  of it (no copy, :func:`collate`).
 * **The next epoch in advance**: :class:`TrainStream` (one per rank, owned by the loop's batch
   source) starts the next epoch's execution on a background thread once 3/4 of this epoch's
   samples have arrived, and continues it when exactly that epoch is asked for.
@@ -16,6 +18,7 @@ import itertools
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,8 +76,14 @@ def _read_groups(fs: pafs.FileSystem, paths: list[str], groups: list[int]) -> li
 
 
 def train_items(items: pa.Table, cfg: Config, epoch: int, fs: pafs.FileSystem) -> Iterator[dict[str, np.ndarray]]:
-    """Map function: windows → their training samples in plan order, ``map_batch_size`` per output batch."""
+    """Map function: windows → their training samples in plan order.
+
+    An output batch holds at least ``map_batch_size`` samples and ends where a micro-batch ends (rank
+    sample index ``j + 1`` a multiple of ``train.micro_batch_size``; a window's last batch may not), so
+    the consumer's micro-batches are consecutive rows of one block (:func:`collate` slices them).
+    """
     transforms.limit_threads(cfg.data.num_cpus_per_map)
+    micro = cfg.train.micro_batch_size
     for item in items.to_pylist():
         tables = _read_groups(fs, item["paths"], item["groups"])
         studies = list(zip(item["unit"], item["row"], strict=True))
@@ -90,7 +99,7 @@ def train_items(items: pa.Table, cfg: Config, epoch: int, fs: pafs.FileSystem) -
                           "sample_index": j, "epoch_position": p, "sample_id": q})
             if last[study] == k:
                 views.release(study)
-            if len(batch) == cfg.data.map_batch_size:
+            if len(batch) >= cfg.data.map_batch_size and (j + 1) % micro == 0:
                 yield samples.train_columns(cfg, batch)
                 batch = []
         if batch:
@@ -339,14 +348,26 @@ TENSOR_KEYS = ("image1", "image2", "input_ids", "attention_mask", "sep_mask", "d
 def collate(rows: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, Any]:
     """Rows (a numpy batch and a row index) → the batch dict (docs/architecture.md) of torch tensors and string lists.
 
-    ``image1``/``image2`` come out as B×3×S×S uint8: a broadcast view of the one gray channel (no
-    copy; move ``image[:, :1]`` to the device and expand there to send a third of the bytes).
+    Rows that are consecutive rows of one batch (the map tasks cut their output on micro-batch
+    boundaries) become slices of it, without a copy; others are stacked. ``image1``/``image2`` come
+    out as B×3×S×S uint8: a broadcast view of the one gray channel (no copy; move ``image[:, :1]``
+    to the device and expand there to send a third of the bytes).
     """
     import torch  # why: map tasks on CPU-only data nodes never load torch; only the consumer collates
 
+    block, first = rows[0]
+    if all(b is block for b, _ in rows) and rows[-1][1] - first == len(rows) - 1:
+        columns = {key: block[key][first:first + len(rows)] for key in TENSOR_KEYS}
+    else:
+        columns = {key: np.stack([b[key][i] for b, i in rows]) for key in TENSOR_KEYS}
     out: dict[str, Any] = {}
-    for key in TENSOR_KEYS:
-        out[key] = torch.from_numpy(np.stack([b[key][i] for b, i in rows]))
+    for key, array in columns.items():
+        with warnings.catch_warnings():
+            # A slice of a block still in the object store is read-only; torch warns that its tensor
+            # would not be. Nothing writes into a batch's tensors (the model's first op on each makes
+            # a new one), as in Ray's own iter_torch_batches.
+            warnings.simplefilter("ignore", UserWarning)
+            out[key] = torch.from_numpy(array)
     for key in ("image1", "image2"):
         out[key] = out[key].expand(-1, 3, -1, -1)  # B×1×S×S → B×3×S×S
     for key in samples.STRING_KEYS:
@@ -371,7 +392,7 @@ def _in_order(blocks: Iterator[dict[str, np.ndarray]], start: int, stop: int, pe
 
 
 def _blocks(dataset, prefetch_batches: int, detach: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """A dataset's output blocks as numpy column dicts, as they come (the consumer orders them).
+    """A dataset's output as numpy column dicts, one per record batch, as they come (the consumer orders them).
 
     Args:
         detach: copy each block's arrays out of the object store on arrival. Ray Data's numpy
@@ -379,15 +400,31 @@ def _blocks(dataset, prefetch_batches: int, detach: bool = False) -> Iterator[di
             for its micro-batch (up to a micro-batch of rows per rank, plus queued blocks); a
             copy frees the store object at once and the rows wait in this process's heap.
     """
-    blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch_batches)
+    blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
     try:
-        for block in blocks:
-            yield _detached(block) if detach else block
+        for table in blocks:
+            for chunk in _numpy_chunks(table):
+                yield _detached(chunk) if detach else chunk
     finally:
         # The consumer stops at the plan's last sample without asking for one more block, so
         # Ray's iterator would stop its prefetch threads only when garbage-collected; one left
         # running past ray.shutdown() kills the process ("core worker has already been shutdown").
         getattr(blocks, "close", lambda: None)()
+
+
+def _numpy_chunks(table: pa.Table) -> Iterator[dict[str, np.ndarray]]:
+    """A block's record batches as numpy column dicts, each a view of the block (no copy).
+
+    A block joins several of a map task's output batches (up to the target block size), so its
+    columns have several chunks, and Ray Data's numpy format concatenates them: one more copy of
+    every image in the training process before :func:`collate` (≈ 0.14 CPU-s per 384 pairs of
+    518 px, docs/benchmarks.md). Each record batch alone converts without one.
+    """
+    from ray.data.block import BlockAccessor  # why: as in _item_dataset
+
+    for batch in table.to_batches():
+        if batch.num_rows:
+            yield BlockAccessor.for_block(pa.Table.from_batches([batch])).to_numpy()
 
 
 def _detached(block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -415,10 +452,10 @@ class BlockStream:
         self._thread.start()
 
     def _pull(self, dataset, prefetch_batches: int, detach: bool) -> None:
-        blocks = iter_blocks = dataset.iter_batches(batch_size=None, batch_format="numpy",
-                                                    prefetch_batches=prefetch_batches)
+        iter_blocks = dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
+        blocks = (chunk for table in iter_blocks for chunk in _numpy_chunks(table))
         if detach:
-            blocks = map(_detached, iter_blocks)
+            blocks = map(_detached, blocks)
         try:
             for block in blocks:
                 if not self._put(block):
