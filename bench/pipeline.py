@@ -316,7 +316,8 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--rounds", type=int, default=8, help="timed epochs of each pipeline, alternating")
     ap.add_argument("--limits-refresh", type=float, default=data_stream.LIMITS_REFRESH_S,
-                    help="seconds between Ray Data's resource-limit refreshes (1 = Ray's own; see mama_ray/data/stream.py)")
+                    help="seconds between Ray Data's resource-limit refreshes until an execution has its limits "
+                         "(1 = Ray's own; see mama_ray/data/stream.py)")
     args = ap.parse_args()
     # Ray starts its workers at nice 15 (the DataLoader's run at 0): on a machine with any other
     # load that alone starves Ray's map tasks. Compare at equal priority unless told otherwise.

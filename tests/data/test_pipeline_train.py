@@ -324,17 +324,34 @@ def test_elastic_resume_plans_what_two_ranks_left_among_four(ray_session, shard_
     assert sorted(int(r["epoch_position"]) for run in runs for r in run) == list(range(offset, offset + len(rest)))
 
 
-def test_building_a_dataset_makes_ray_data_refresh_its_limits_every_tenth_of_a_second(ray_session, shard_set):
-    """Ray Data reads an execution's limits from its coordinator at most once per this interval, and
-    the first read answers zero: at Ray's 1 s a new execution ran one map task for its first second
-    (docs/pipeline.md, "What held the second map task back"). The attribute must still exist: if a
-    Ray upgrade removes it, the stream silently leaves Ray's interval alone."""
+def test_an_execution_refreshes_its_limits_every_tenth_of_a_second_until_it_has_them(ray_session, shard_set):
+    """Ray Data reads an execution's limits from its coordinator at most once per interval, and the
+    first read answers zero: at Ray's 1 s a new execution ran one map task for its first second
+    (docs/pipeline.md, "What held the second map task back"). After building a dataset, a resource
+    manager refreshes every 0.1 s while its CPU limit is zero and at Ray's own interval after. If
+    a Ray upgrade renames what this relies on, this fails instead of the stream silently slowing."""
+    import time
+
+    from ray.data._internal.execution.interfaces import ExecutionOptions, ExecutionResources
     from ray.data._internal.execution.resource_manager import ResourceManager
 
-    ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = 1  # Ray 2.60's own
-    try:
-        pipeline.build_eval_dataset(make_cfg(str(shard_set[0])), "val")
-        assert stream.LIMITS_REFRESH_S == 0.1
-        assert ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 0.1
-    finally:
-        ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = stream.LIMITS_REFRESH_S
+    pipeline.build_eval_dataset(make_cfg(str(shard_set[0])), "val")
+    assert stream.LIMITS_REFRESH_S == 0.1 and ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 1  # Ray's
+    answers = [ExecutionResources.zero(), ExecutionResources(cpu=2, object_store_memory=10**9)]
+    asked = []
+
+    def coordinator():  # what the coordinator actor answers: nothing yet, then the node's CPUs
+        asked.append(time.monotonic())
+        return answers[min(len(asked) - 1, 1)]
+
+    manager = object.__new__(ResourceManager)  # only what get_global_limits reads
+    manager._options, manager._get_total_resources = ExecutionOptions(), coordinator
+    manager._object_store_memory_limit_fraction = 0.5
+    manager._global_limits, manager._global_limits_last_update_time = ExecutionResources.zero(), 0
+    end = time.monotonic() + 0.6
+    while time.monotonic() < end:
+        manager.get_global_limits()
+        time.sleep(0.005)
+    # zero → asked again ≈ 0.1 s later → 2 CPUs: then not again within Ray's 1 s
+    assert len(asked) == 2 and 0.09 <= asked[1] - asked[0] < 0.3, asked
+    assert manager.get_global_limits().cpu == 2 and manager.GLOBAL_LIMITS_UPDATE_INTERVAL_S == 1
