@@ -28,13 +28,13 @@ def warn_if_slow_cpu_bf16(precision: str, on_gpu: bool) -> bool:
     """Log a warning when bf16 will run on a CPU without oneDNN's bf16 kernels; True if it did.
 
     torch's CPU bf16 matmul is oneDNN's, which needs AVX-512 (avx512_core). Without it torch falls
-    back to a reference GEMM measured ~4000× slower than fp32 (docs/pitfalls.md): a base-width step
+    back to a reference GEMM measured ~1000× slower than fp32 (docs/pitfalls.md): a base-width step
     takes hours, and nothing else says why.
     """
     if precision != "bf16" or on_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return False
     log.warning("deepspeed.precision=bf16 on a CPU without AVX-512: torch's bf16 matmul falls back to a "
-                "reference kernel ~4000x slower than fp32; set deepspeed.precision=fp32 (or auto) here")
+                "reference kernel ~1000x slower than fp32; set deepspeed.precision=fp32 (or auto) here")
     return True
 
 

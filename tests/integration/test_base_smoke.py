@@ -6,7 +6,7 @@ base-shaped), so the weight-loading path of ``base`` runs too, including the res
 embeddings to the tokenizer and peft's LoRA over a frozen, checkpointed trunk.
 
 On a CPU without oneDNN's bf16 kernels (no AVX-512) torch multiplies bf16 with a reference GEMM
-~4000× slower than fp32 (docs/pitfalls.md): there the towers are narrowed (same depth, heads,
+~1000× slower than fp32 (docs/pitfalls.md): there the towers are narrowed (same depth, heads,
 LoRA, checkpointing and precision) so the module takes minutes, not hours.
 """
 
