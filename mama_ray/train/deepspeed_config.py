@@ -24,6 +24,14 @@ def resolve_precision(cfg: Config, on_gpu: bool) -> str:
     return ("bf16" if on_gpu else "fp32") if p == "auto" else p
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch multiplies bf16 on this CPU with oneDNN (AVX-512), not its slow reference GEMM.
+
+    Honours ``ONEDNN_MAX_CPU_ISA``, so the slow path can be reproduced on any machine.
+    """
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def warn_if_slow_cpu_bf16(precision: str, on_gpu: bool) -> bool:
     """Log a warning when bf16 will run on a CPU without oneDNN's bf16 kernels; True if it did.
 
@@ -31,7 +39,7 @@ def warn_if_slow_cpu_bf16(precision: str, on_gpu: bool) -> bool:
     back to a reference GEMM measured ~1000× slower than fp32 (docs/pitfalls.md): a base-width step
     takes hours, and nothing else says why.
     """
-    if precision != "bf16" or on_gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision != "bf16" or on_gpu or cpu_has_fast_bf16():
         return False
     log.warning("deepspeed.precision=bf16 on a CPU without AVX-512: torch's bf16 matmul falls back to a "
                 "reference kernel ~1000x slower than fp32; set deepspeed.precision=fp32 (or auto) here")

@@ -21,12 +21,13 @@ from mama_ray import config
 from mama_ray.layout import load_model_from_checkpoint, read_metrics
 from mama_ray.models.vision import vit_config
 from mama_ray.train.context import LocalContext
+from mama_ray.train.deepspeed_config import cpu_has_fast_bf16
 from mama_ray.train.launch import PipelineSource, build_trainer, run_uri
 from mama_ray.train.loop import train_loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-NARROW = {} if torch.ops.mkldnn._is_mkldnn_bf16_supported() else {
+NARROW = {} if cpu_has_fast_bf16() else {
     "model.vision.hidden_size": 48, "model.vision.num_heads": 12,  # base: 768, 12 heads
     "model.text.hidden_size": 80, "model.text.num_heads": 20}  # base: 2560, 20 heads
 
